@@ -1,0 +1,94 @@
+"""Translate the official SDKs' exceptions (openai and anthropic share their shape) into ours."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any, TypeVar
+
+import httpx2
+import pydantic
+
+from .errors import (
+    MalformedResponseError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    error_for_status,
+)
+
+T = TypeVar("T")
+
+
+async def call_sdk(
+    sdk: ModuleType,
+    fn: Callable[[], Awaitable[T]],
+    *,
+    provider: str,
+    model: str | None,
+    timeout_s: float,
+    base_url: str | None,
+    key_env_var: str | None,
+) -> T:
+    """Await one SDK call; any failure leaves as a `ProviderError` subclass, keys never shown."""
+    try:
+        return await fn()
+    except (StopAsyncIteration, ProviderError):
+        raise
+    except sdk.APITimeoutError:
+        raise ProviderTimeoutError(
+            f"no answer within {timeout_s:g} s", provider=provider, model=model
+        ) from None
+    except sdk.APIConnectionError as exc:
+        raise ProviderConnectionError(
+            f"cannot reach {base_url or 'the API'}: {exc.__cause__ or exc}",
+            provider=provider,
+            model=model,
+        ) from None
+    except sdk.APIStatusError as exc:
+        raise error_for_status(
+            exc.status_code,
+            status_message(exc),
+            provider=provider,
+            model=model,
+            headers=exc.response.headers,
+            body=exc.body if _json_safe(exc.body) else None,
+            key_env_var=key_env_var,
+        ) from None
+    except sdk.APIResponseValidationError as exc:
+        raise MalformedResponseError(
+            f"response failed validation: {exc.message}", provider=provider, model=model
+        ) from None
+    except (json.JSONDecodeError, pydantic.ValidationError) as exc:
+        raise MalformedResponseError(
+            f"response body is not valid JSON: {str(exc)[:200]}", provider=provider, model=model
+        ) from None
+    except httpx2.TimeoutException:
+        raise ProviderTimeoutError(
+            f"no answer within {timeout_s:g} s", provider=provider, model=model
+        ) from None
+    except httpx2.TransportError as exc:
+        raise ProviderConnectionError(
+            f"connection failed: {exc}", provider=provider, model=model
+        ) from None
+
+
+def status_message(exc: Any) -> str:
+    """The human message inside an error body (`{"error": {"message": ...}}`), else the SDK's."""
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return str(exc.message)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

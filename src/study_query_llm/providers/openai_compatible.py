@@ -1,0 +1,385 @@
+"""The OpenAI-compatible family, through the official `openai` SDK, with one preset per provider.
+
+OpenAI, Azure OpenAI, Hyperbolic, OpenRouter, vLLM, LM Studio and Ollama all speak the chat
+completions protocol; they differ only in base URL, authentication, headers and how models are
+listed. Those differences live in `PRESETS`; the code below is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import httpx2
+import openai
+
+from ._sdk import call_sdk
+from .base import (
+    BaseLLMProvider,
+    CompletionOptions,
+    EmbeddingResponse,
+    Message,
+    ModelInfo,
+    ProviderResponse,
+    Stopwatch,
+)
+from .errors import (
+    MalformedResponseError,
+    ProviderConnectionError,
+    ProviderTimeoutError,
+    error_for_status,
+)
+
+ListingStyle = Literal["openai", "azure_deployments", "ollama_tags"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How one OpenAI-compatible provider differs from the others."""
+
+    provider_id: str
+    label: str
+    key_env_var: str | None
+    base_url_env_var: str | None
+    default_base_url: str | None = None
+    key_required: bool = True
+    listing: ListingStyle = "openai"
+    default_headers: dict[str, str] = field(default_factory=dict)
+    supports_embeddings: bool = True
+    supports_json_mode: bool = True
+    stream_usage: bool = True
+    placeholder_key: str = "not-needed"
+
+
+PRESETS: dict[str, Preset] = {
+    "openai": Preset(
+        "openai", "OpenAI", "OPENAI_API_KEY", "OPENAI_BASE_URL", default_base_url=None
+    ),
+    "azure": Preset(
+        "azure",
+        "Azure OpenAI",
+        "AZURE_OPENAI_API_KEY",
+        "AZURE_OPENAI_ENDPOINT",
+        listing="azure_deployments",
+    ),
+    "hyperbolic": Preset(
+        "hyperbolic",
+        "Hyperbolic",
+        "HYPERBOLIC_API_KEY",
+        "HYPERBOLIC_BASE_URL",
+        supports_embeddings=False,
+    ),
+    "openrouter": Preset(
+        "openrouter",
+        "OpenRouter",
+        "OPENROUTER_API_KEY",
+        "OPENROUTER_BASE_URL",
+        default_headers={"X-Title": "Study Query LLM"},
+        supports_embeddings=False,
+    ),
+    "vllm": Preset("vllm", "vLLM", "VLLM_API_KEY", "VLLM_BASE_URL", key_required=False),
+    "lmstudio": Preset(
+        "lmstudio", "LM Studio", "LMSTUDIO_API_KEY", "LMSTUDIO_BASE_URL", key_required=False
+    ),
+    "ollama": Preset(
+        "ollama",
+        "Ollama",
+        "OLLAMA_API_KEY",
+        "OLLAMA_BASE_URL",
+        key_required=False,
+        listing="ollama_tags",
+        placeholder_key="ollama",
+    ),
+}
+
+
+class OpenAICompatibleProvider(BaseLLMProvider):
+    """Any provider speaking the OpenAI chat-completions protocol. One SDK client per instance."""
+
+    provider_id: ClassVar[str] = "openai-compatible"
+    supports_embeddings: ClassVar[bool] = True
+    supports_json_mode: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        preset: Preset,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        model: str | None,
+        timeout_s: float = 60.0,
+        api_version: str | None = None,
+        name: str | None = None,
+        http_client: httpx2.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(model=model, name=name or preset.provider_id)
+        self.preset = preset
+        self.base_url = base_url or preset.default_base_url
+        self.timeout_s = timeout_s
+        key = api_key or preset.placeholder_key
+        common: dict[str, Any] = {
+            "api_key": key,
+            "timeout": timeout_s,
+            "max_retries": 0,  # InferenceService owns retries
+            "default_headers": preset.default_headers or None,
+            "http_client": http_client,
+        }
+        if preset.provider_id == "azure":
+            self._client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
+                azure_endpoint=self.base_url, api_version=api_version, **common
+            )
+        else:
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, **common)
+
+    def embeddings_enabled(self) -> bool:
+        return self.preset.supports_embeddings
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # --- completions ---------------------------------------------------------------------
+
+    def _request(
+        self, messages: list[Message], model: str, options: CompletionOptions
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [m.model_dump() for m in messages],
+        }
+        if options.temperature is not None:
+            body["temperature"] = options.temperature
+        if options.max_tokens is not None:
+            body["max_tokens"] = options.max_tokens
+        if options.top_p is not None:
+            body["top_p"] = options.top_p
+        if options.stop:
+            body["stop"] = options.stop
+        if options.seed is not None:
+            body["seed"] = options.seed
+        if options.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        if options.timeout_s is not None:
+            body["timeout"] = options.timeout_s
+        return body
+
+    async def _complete(
+        self, messages: list[Message], model: str, options: CompletionOptions
+    ) -> ProviderResponse:
+        clock = Stopwatch()
+        body = self._request(messages, model, options)
+        completion = await self._call(model, lambda: self._client.chat.completions.create(**body))
+        if not isinstance(completion, openai.types.chat.ChatCompletion) or not completion.choices:
+            raise self._malformed(model, completion)
+        choice = completion.choices[0]
+        usage = completion.usage
+        return ProviderResponse(
+            text=choice.message.content or "",
+            provider=self.name,
+            model=completion.model or model,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+            latency_ms=clock.ms(),
+            finish_reason=choice.finish_reason,
+            metadata={"response_id": completion.id, "requested_model": model},
+            raw_response=completion.model_dump(mode="json", exclude_none=True),
+        )
+
+    async def _stream(
+        self, messages: list[Message], model: str, options: CompletionOptions
+    ) -> AsyncIterator[str | ProviderResponse]:
+        clock = Stopwatch()
+        body = self._request(messages, model, options)
+        body["stream"] = True
+        if self.preset.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        stream = await self._call(model, lambda: self._client.chat.completions.create(**body))
+        if not isinstance(stream, openai.AsyncStream):
+            raise self._malformed(model, stream)
+        parts: list[str] = []
+        finish_reason: str | None = None
+        usage: Any = None
+        response_id: str | None = None
+        served_model = model
+        first_token_ms: float | None = None
+        iterator = stream.__aiter__()
+        try:
+            while True:
+                chunk = await self._call(model, iterator.__anext__)
+                response_id = chunk.id or response_id
+                served_model = chunk.model or served_model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+                    text = choice.delta.content if choice.delta else None
+                    if text:
+                        if first_token_ms is None:
+                            first_token_ms = clock.ms()
+                        parts.append(text)
+                        yield text
+        except StopAsyncIteration:
+            pass
+        finally:
+            await stream.close()
+        text = "".join(parts)
+        yield ProviderResponse(
+            text=text,
+            provider=self.name,
+            model=served_model,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+            latency_ms=clock.ms(),
+            finish_reason=finish_reason,
+            metadata={
+                "response_id": response_id,
+                "requested_model": model,
+                "streamed": True,
+                "time_to_first_token_ms": first_token_ms,
+            },
+            raw_response={
+                "id": response_id,
+                "model": served_model,
+                "choices": [{"message": {"content": text}, "finish_reason": finish_reason}],
+                "usage": usage.model_dump(mode="json") if usage else None,
+            },
+        )
+
+    # --- embeddings ----------------------------------------------------------------------
+
+    async def _embed(
+        self, texts: list[str], model: str, dimensions: int | None
+    ) -> EmbeddingResponse:
+        clock = Stopwatch()
+        kwargs: dict[str, Any] = {"model": model, "input": texts}
+        if dimensions is not None:
+            kwargs["dimensions"] = dimensions
+        result = await self._call(model, lambda: self._client.embeddings.create(**kwargs))
+        if not isinstance(result, openai.types.CreateEmbeddingResponse):
+            raise self._malformed(model, result)
+        ordered = sorted(result.data, key=lambda item: item.index)
+        if len(ordered) != len(texts):
+            raise MalformedResponseError(
+                f"asked for {len(texts)} embeddings, got {len(ordered)}",
+                provider=self.name,
+                model=model,
+            )
+        return EmbeddingResponse(
+            vectors=[list(item.embedding) for item in ordered],
+            provider=self.name,
+            model=result.model or model,
+            prompt_tokens=result.usage.prompt_tokens if result.usage else None,
+            latency_ms=clock.ms(),
+        )
+
+    # --- model listing -------------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelInfo]:
+        if self.preset.listing == "azure_deployments":
+            data = await self._call(None, lambda: self._client.get("/deployments", cast_to=object))
+            items = data.get("data", []) if isinstance(data, dict) else []
+            return [
+                ModelInfo(
+                    id=str(item["id"]),
+                    provider=self.name,
+                    metadata={"model": item.get("model"), "status": item.get("status")},
+                )
+                for item in items
+                if isinstance(item, dict) and "id" in item
+            ]
+        if self.preset.listing == "ollama_tags":
+            return await self._ollama_tags()
+        page = await self._call(None, self._client.models.list)
+        models: list[ModelInfo] = []
+        async for item in page:
+            extra = item.model_extra or {}
+            pricing = extra.get("pricing") or {}
+            models.append(
+                ModelInfo(
+                    id=item.id,
+                    provider=self.name,
+                    owned_by=getattr(item, "owned_by", None),
+                    context_length=_int_or_none(extra.get("context_length")),
+                    input_price_per_mtok=_per_mtok(pricing.get("prompt")),
+                    output_price_per_mtok=_per_mtok(pricing.get("completion")),
+                )
+            )
+        return models
+
+    async def _ollama_tags(self) -> list[ModelInfo]:
+        root = str(self._client.base_url).rstrip("/")
+        if root.endswith("/v1"):
+            root = root[: -len("/v1")]
+        try:
+            async with httpx2.AsyncClient(timeout=self.timeout_s) as client:
+                response = await client.get(f"{root}/api/tags")
+        except httpx2.TimeoutException as exc:
+            raise ProviderTimeoutError(
+                f"listing models timed out: {exc}", provider=self.name
+            ) from None
+        except httpx2.TransportError as exc:
+            raise ProviderConnectionError(
+                f"cannot reach {root}: {exc}", provider=self.name
+            ) from None
+        if response.status_code >= 400:
+            raise error_for_status(
+                response.status_code,
+                response.text[:200],
+                provider=self.name,
+                model=None,
+                headers=response.headers,
+            )
+        try:
+            tags = response.json().get("models", [])
+        except (ValueError, AttributeError):
+            raise MalformedResponseError(
+                "the /api/tags listing is not JSON", provider=self.name
+            ) from None
+        return [
+            ModelInfo(
+                id=str(tag.get("name") or tag.get("model")),
+                provider=self.name,
+                metadata={"size": tag.get("size"), "details": tag.get("details")},
+            )
+            for tag in tags
+            if isinstance(tag, dict) and (tag.get("name") or tag.get("model"))
+        ]
+
+    # --- error mapping -------------------------------------------------------------------
+
+    def _malformed(self, model: str | None, got: Any) -> MalformedResponseError:
+        preview = got if isinstance(got, str) else type(got).__name__
+        return MalformedResponseError(
+            f"unexpected response body (not a JSON completion): {str(preview)[:120]!r}",
+            provider=self.name,
+            model=model,
+        )
+
+    async def _call(self, model: str | None, fn: Callable[[], Any]) -> Any:
+        return await call_sdk(
+            openai,
+            fn,
+            provider=self.name,
+            model=model,
+            timeout_s=self.timeout_s,
+            base_url=self.base_url,
+            key_env_var=self.preset.key_env_var,
+        )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _per_mtok(value: Any) -> float | None:
+    """OpenRouter prices are USD per token as strings; convert to USD per million tokens."""
+    try:
+        return round(float(value) * 1_000_000, 6) if value is not None else None
+    except (TypeError, ValueError):
+        return None
