@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # --- Anthropic -----------------------------------------------------------------------
     anthropic_api_key: SecretStr | None = None
     anthropic_base_url: str | None = None
-    anthropic_model: str = "claude-3-5-haiku-latest"
+    anthropic_model: str = "claude-haiku-4-5"
     anthropic_max_tokens: int = Field(1024, gt=0)
 
     # --- local OpenAI-compatible servers -------------------------------------------------

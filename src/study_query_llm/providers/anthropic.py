@@ -71,10 +71,14 @@ class AnthropicProvider(BaseLLMProvider):
         }
         if system:
             body["system"] = system
+        # Sampling options are not in the SDK's typed signature; send them in the body.
+        sampling: dict[str, Any] = {}
         if options.temperature is not None:
-            body["temperature"] = min(options.temperature, 1.0)
+            sampling["temperature"] = min(options.temperature, 1.0)
         if options.top_p is not None:
-            body["top_p"] = options.top_p
+            sampling["top_p"] = options.top_p
+        if sampling:
+            body["extra_body"] = sampling
         if options.stop:
             body["stop_sequences"] = options.stop
         if options.timeout_s is not None:

@@ -35,6 +35,9 @@ DEFAULT_PRICES: dict[str, Price] = {
     "text-embedding-3-large": Price(0.13, 0.0),
     "text-embedding-ada-002": Price(0.10, 0.0),
     # Anthropic
+    "claude-haiku-4-5": Price(1.00, 5.00),
+    "claude-opus-4-5": Price(5.00, 25.00),
+    "claude-opus-4-1": Price(15.00, 75.00),
     "claude-3-5-haiku": Price(0.80, 4.00),
     "claude-3-5-sonnet": Price(3.00, 15.00),
     "claude-3-7-sonnet": Price(3.00, 15.00),

@@ -1,0 +1,1 @@
+"""Services: preprocessing, inference, conversations, embeddings, studies, batch jobs."""
