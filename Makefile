@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(PIP) install --quiet -e ".[postgres,dev]"
+	$(PIP) install --quiet -e ".[postgres,dev,local-embeddings]"
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

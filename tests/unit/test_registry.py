@@ -7,19 +7,23 @@ import pytest
 from study_query_llm.config import Settings
 from study_query_llm.providers import MissingCredentialError, configured, create, supporting
 from study_query_llm.providers.anthropic import AnthropicProvider
+from study_query_llm.providers.local_minilm import unavailable_reason
 from study_query_llm.providers.mock import MockProvider
 from study_query_llm.providers.openai_compatible import OpenAICompatibleProvider
 from study_query_llm.providers.registry import SPECS, UnknownProviderError
 
+# The local embedding model appears whenever its optional extra is installed.
+LOCAL = [] if unavailable_reason() else ["local-minilm"]
+
 ALL = {"openai", "azure", "hyperbolic", "openrouter", "vllm", "lmstudio", "ollama", "anthropic"}
 
 
-def test_nine_providers_are_registered():
-    assert set(SPECS) == ALL | {"mock"}
+def test_every_provider_is_registered():
+    assert set(SPECS) == ALL | {"mock", "local-minilm"}
 
 
-def test_nothing_configured_lists_only_mock(settings):
-    assert [spec.id for spec in configured(settings)] == ["mock"]
+def test_nothing_configured_lists_only_mock_and_local_models(settings):
+    assert [spec.id for spec in configured(settings)] == [*LOCAL, "mock"]
 
 
 def test_configured_when_required_settings_are_present():
@@ -29,7 +33,7 @@ def test_configured_when_required_settings_are_present():
         azure_openai_api_key="az",  # endpoint missing -> not configured
         ollama_base_url="http://127.0.0.1:11434/v1",
     )
-    assert [spec.id for spec in configured(settings)] == ["openai", "ollama", "mock"]
+    assert [spec.id for spec in configured(settings)] == ["openai", "ollama", *LOCAL, "mock"]
 
 
 @pytest.mark.parametrize(
@@ -83,7 +87,7 @@ async def test_secret_never_in_provider_repr(settings):
 
 def test_capability_lookup():
     settings = Settings(_env_file=None, openai_api_key="k", anthropic_api_key="k")
-    assert [s.id for s in supporting("embeddings", settings)] == ["openai", "mock"]
+    assert [s.id for s in supporting("embeddings", settings)] == ["openai", *LOCAL, "mock"]
     assert [s.id for s in supporting("chat", settings)] == ["openai", "anthropic", "mock"]
     with pytest.raises(ValueError, match="capability"):
         supporting("teleport", settings)

@@ -10,6 +10,9 @@ from ..config import Settings, get_settings
 from .anthropic import AnthropicProvider
 from .base import BaseLLMProvider
 from .errors import MissingCredentialError, ProviderConfigurationError
+from .local_minilm import MODEL_ID as MINILM_MODEL
+from .local_minilm import LocalMiniLMProvider
+from .local_minilm import unavailable_reason as minilm_unavailable
 from .mock import MockProvider
 from .openai_compatible import PRESETS, OpenAICompatibleProvider
 
@@ -37,15 +40,19 @@ class ProviderSpec:
     build: Callable[[Settings, dict[str, Any]], BaseLLMProvider]
     is_mock: bool = False
     fixed_default_model: str | None = None
+    # For providers that need no setting but an installed package: why it cannot run.
+    unavailable: Callable[[], str | None] | None = None
 
     def missing(self, settings: Settings, overrides: dict[str, Any] | None = None) -> list[str]:
         """Environment variables still needed, given settings and `create()` overrides."""
         overrides = overrides or {}
-        return [
+        missing = [
             req.env_var
             for req in self.requirements
             if not overrides.get(req.override) and not getattr(settings, req.field)
         ]
+        reason = self.unavailable() if self.unavailable else None
+        return [*missing, reason] if reason else missing
 
     def is_configured(self, settings: Settings) -> bool:
         return not self.missing(settings)
@@ -144,6 +151,16 @@ SPECS: dict[str, ProviderSpec] = {
             _build_anthropic,
         ),
         ProviderSpec(
+            "local-minilm",
+            "Local all-MiniLM-L6-v2 (embeddings, offline)",
+            (),
+            None,
+            frozenset({"embeddings"}),
+            lambda settings, overrides: LocalMiniLMProvider(name=overrides.get("name")),
+            fixed_default_model=MINILM_MODEL,
+            unavailable=minilm_unavailable,
+        ),
+        ProviderSpec(
             "mock",
             "Mock (offline, not a real model)",
             (),
@@ -182,9 +199,10 @@ def create(provider_id: str, settings: Settings | None = None, **overrides: Any)
     settings = settings or get_settings()
     missing = spec.missing(settings, overrides)
     if missing:
+        needs = " and ".join(m if " " in m else f"set {m}" for m in missing)
         raise MissingCredentialError(
-            f"{spec.label} is not configured: set {' and '.join(missing)}",
-            env_var=missing[0],
+            f"{spec.label} is not configured: {needs}",
+            env_var=missing[0] if " " not in missing[0] else None,
             provider=provider_id,
         )
     return spec.build(settings, overrides)
