@@ -1,0 +1,90 @@
+"""Plain input records for inserts: what a caller knows about a call before it has an id."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, Self
+
+from study_query_llm.db.column_types import as_utc, utcnow
+from study_query_llm.db.models_v2 import MODALITIES, STATUSES
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewCall:
+    """One provider call to record in `raw_calls`.
+
+    `request_json` holds the request (``{"messages": [...], "options": {...}}`` or
+    ``{"prompt": "..."}``, ``{"input": ...}`` for embeddings) and `response_json` the
+    response with its text under ``"text"``; search indexes both. `created_at` defaults
+    to now (UTC).
+    """
+
+    provider: str
+    model: str
+    request_json: dict[str, Any]
+    status: str = "success"
+    modality: str = "chat"
+    response_json: dict[str, Any] | None = None
+    error_json: dict[str, Any] | None = None
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cost_usd: float | None = None
+    request_hash: str | None = None
+    metadata_json: dict[str, Any] | None = None
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if not isinstance(self.request_json, Mapping):
+            raise TypeError("request_json must be a JSON object (a dict)")
+
+    @classmethod
+    def coerce(cls, value: NewCall | Mapping[str, Any]) -> Self:
+        """Accept a `NewCall` or a dict of its fields (unknown keys are an error)."""
+        if isinstance(value, cls):
+            return value
+        return cls(**value)
+
+    def row(self) -> dict[str, Any]:
+        """Column values for the insert, with `created_at` filled in."""
+        values = asdict(self)
+        values["created_at"] = as_utc(self.created_at) if self.created_at else utcnow()
+        return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewRun:
+    """One v1 `inference_runs` row to record."""
+
+    prompt: str
+    provider: str
+    response: str | None = None
+    model: str | None = None
+    tokens: int | None = None
+    latency_ms: float | None = None
+    metadata_json: dict[str, Any] | None = None
+    batch_id: str | None = None
+    created_at: datetime | None = None
+
+    @classmethod
+    def coerce(cls, value: NewRun | Mapping[str, Any]) -> Self:
+        """Accept a `NewRun` or a dict of its fields (``metadata`` is accepted too)."""
+        if isinstance(value, cls):
+            return value
+        fields = dict(value)
+        if "metadata" in fields:
+            fields["metadata_json"] = fields.pop("metadata")
+        return cls(**fields)
+
+    def row(self) -> dict[str, Any]:
+        """Column values for the insert, with `created_at` filled in."""
+        values = asdict(self)
+        values["created_at"] = as_utc(self.created_at) if self.created_at else utcnow()
+        return values
