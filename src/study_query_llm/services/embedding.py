@@ -1,0 +1,286 @@
+"""Embeddings with a deterministic cache: the same text is never paid for twice.
+
+The cache key is a hash of (provider, model, normalised text, dimensions, encoding format).
+Each input text gets its own `raw_calls` row (modality `embedding`, that hash as
+`request_hash`) and its vector in `embedding_vectors`, even when many texts travel in one
+provider request; the request's token count is shared out over its texts so that sums stay
+exact. A cache hit is one indexed lookup and no provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import unicodedata
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from tenacity import AsyncRetrying, retry_if_exception
+
+from ..db.connection import UnitOfWork, run_write
+from ..db.records import NewCall
+from ..providers import BaseLLMProvider, ModelNotFoundError, ProviderError, create
+from ..providers.pricing import PricingTable
+from .inference import RetryPolicy, status_for
+
+ENCODING_FORMAT = "float"
+
+
+def normalise_text(text: str) -> str:
+    """NFC, collapsed whitespace, trimmed: texts that differ only in spacing share a vector."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def embedding_hash(
+    provider: str,
+    model: str,
+    text: str,
+    dimensions: int | None = None,
+    encoding_format: str = ENCODING_FORMAT,
+) -> str:
+    payload = json.dumps(
+        ["embedding", provider, model, normalise_text(text), dimensions, encoding_format],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One text's vector and where it came from."""
+
+    text: str
+    vector: list[float]
+    call_id: int
+    cached: bool
+
+
+def _share(total: int | None, weights: Sequence[int]) -> list[int | None]:
+    """Split `total` tokens over items by weight (largest remainder): the parts sum exactly."""
+    if total is None:
+        return [None] * len(weights)
+    weight_sum = sum(weights) or len(weights)
+    weights = [w or (1 if not sum(weights) else 0) for w in weights]
+    raw = [total * w / weight_sum for w in weights]
+    parts = [math.floor(x) for x in raw]
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - parts[i], reverse=True)
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+class EmbeddingService:
+    """Embeds texts through a provider, recording every call, answering repeats from cache."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        providers: Callable[[str], BaseLLMProvider] | None = None,
+        pricing: PricingTable | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.engine = engine
+        self._factory = providers or create
+        self._providers: dict[str, BaseLLMProvider] = {}
+        self.pricing = pricing or PricingTable()
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._invalid: dict[tuple[str, str], ProviderError] = {}
+        self._valid: set[tuple[str, str]] = set()
+        self.provider_calls = 0
+
+    def provider(self, provider_id: str) -> BaseLLMProvider:
+        instance = self._providers.get(provider_id)
+        if instance is None:
+            instance = self._factory(provider_id)
+            self._providers[provider_id] = instance
+        return instance
+
+    async def aclose(self) -> None:
+        for instance in self._providers.values():
+            await instance.aclose()
+        self._providers.clear()
+
+    async def _io(self, fn: Callable[[UnitOfWork], Any], *, write: bool = False) -> Any:
+        if write:
+            return await asyncio.to_thread(run_write, self.engine, fn)
+
+        def read() -> Any:
+            with UnitOfWork(self.engine) as uow:
+                return fn(uow)
+
+        return await asyncio.to_thread(read)
+
+    async def validate(self, provider: str, model: str) -> None:
+        """Probe a model/deployment once (a one-word embedding) and remember the answer."""
+        key = (provider, model)
+        if key in self._invalid:
+            raise self._invalid[key]
+        if key in self._valid:
+            return
+        await self.embed(["ping"], provider=provider, model=model)
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        provider: str,
+        model: str,
+        dimensions: int | None = None,
+        batch_size: int = 64,
+        group_id: int | None = None,
+    ) -> list[EmbeddingResult]:
+        """Vectors for `texts` in order: cached ones from the database, the rest from the
+        provider in batches of `batch_size`. Raises the provider's error if a batch fails."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return []
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ValueError(f"text {empty[0] + 1} is empty")
+        key = (provider, model)
+        if key in self._invalid:
+            raise self._invalid[key]
+        instance = self.provider(provider)
+        hashes = [embedding_hash(provider, model, t, dimensions) for t in texts]
+        cached: dict[str, tuple[int, list[float]]] = await self._io(
+            lambda uow: uow.embeddings.cached(model, sorted(set(hashes)))
+        )
+        results: list[EmbeddingResult | None] = [
+            EmbeddingResult(t, cached[h][1], cached[h][0], True) if h in cached else None
+            for t, h in zip(texts, hashes, strict=True)
+        ]
+        # One provider request per distinct missing text, in batches.
+        missing: dict[str, str] = {}
+        for text, h in zip(texts, hashes, strict=True):
+            if h not in cached and h not in missing:
+                missing[h] = text
+        fresh: dict[str, tuple[int, list[float]]] = {}
+        pending = list(missing.items())
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            fresh.update(
+                await self._embed_batch(instance, provider, model, dimensions, chunk, group_id)
+            )
+        for index, (text, h) in enumerate(zip(texts, hashes, strict=True)):
+            if results[index] is None:
+                call_id, vector = fresh[h]
+                results[index] = EmbeddingResult(text, vector, call_id, False)
+        return [r for r in results if r is not None]
+
+    async def _embed_batch(
+        self,
+        instance: BaseLLMProvider,
+        provider: str,
+        model: str,
+        dimensions: int | None,
+        chunk: list[tuple[str, str]],
+        group_id: int | None,
+    ) -> dict[str, tuple[int, list[float]]]:
+        texts = [text for _, text in chunk]
+        batch_request = uuid.uuid4().hex
+        last_was_final = [False]
+        policy = self.retry
+
+        async def sleep(seconds: float) -> None:
+            await self._sleep(seconds)
+
+        retrying = AsyncRetrying(
+            stop=lambda _state: last_was_final[0],
+            wait=policy.wait_seconds,
+            retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.transient),
+            sleep=sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                number = attempt.retry_state.attempt_number
+                try:
+                    self.provider_calls += 1
+                    response = await instance.embed(texts, model=model, dimensions=dimensions)
+                except ProviderError as error:
+                    final = not (error.transient and number < policy.max_attempts)
+                    last_was_final[0] = final
+                    if isinstance(error, ModelNotFoundError):
+                        self._invalid[(provider, model)] = error
+                    await self._record_failure(
+                        provider, model, dimensions, chunk, error, number, final, batch_request
+                    )
+                    raise
+        self._valid.add((provider, model))
+        tokens = _share(response.prompt_tokens, [len(t) for t in texts])
+        calls = []
+        for (h, text), vector, tok in zip(chunk, response.vectors, tokens, strict=True):
+            cost = (
+                self.pricing.cost_usd(response.model or model, tok, 0) if tok is not None else None
+            )
+            calls.append(
+                (
+                    NewCall(
+                        provider=provider,
+                        model=model,
+                        modality="embedding",
+                        status="success",
+                        request_json={"input": text, "dimensions": dimensions},
+                        response_json={"dimension": len(vector), "model": response.model},
+                        latency_ms=response.latency_ms,
+                        prompt_tokens=tok,
+                        completion_tokens=0 if tok is not None else None,
+                        total_tokens=tok,
+                        cost_usd=cost,
+                        request_hash=h,
+                        metadata_json={
+                            "attempt": number,
+                            "batch_request": batch_request,
+                            "batch_size": len(chunk),
+                            "batch_prompt_tokens": response.prompt_tokens,
+                            **response.metadata,
+                        },
+                    ),
+                    vector,
+                )
+            )
+
+        def write(uow: UnitOfWork) -> dict[str, tuple[int, list[float]]]:
+            ids = uow.calls.add_many([call for call, _ in calls])
+            out: dict[str, tuple[int, list[float]]] = {}
+            for call_id, (call, vector) in zip(ids, calls, strict=True):
+                uow.embeddings.add(call_id, model, vector)
+                out[call.request_hash or ""] = (call_id, vector)
+            if group_id is not None:
+                uow.groups.add_members(group_id, ids, role="embedding")
+            return out
+
+        return await self._io(write, write=True)
+
+    async def _record_failure(
+        self, provider, model, dimensions, chunk, error, number, final, batch_request
+    ) -> None:
+        calls = [
+            NewCall(
+                provider=provider,
+                model=model,
+                modality="embedding",
+                status=status_for(error),
+                request_json={"input": text, "dimensions": dimensions},
+                error_json=error.to_json(),
+                request_hash=h,
+                metadata_json={
+                    "attempt": number,
+                    "final_attempt": final,
+                    "batch_request": batch_request,
+                    "batch_size": len(chunk),
+                },
+            )
+            for h, text in chunk
+        ]
+        await self._io(lambda uow: uow.calls.add_many(calls), write=True)

@@ -1,0 +1,115 @@
+"""Read batch prompts from TXT (one per line), CSV (a `prompt` column) or JSONL files.
+
+Every problem is a `PromptFileError` that names the file and, where it applies, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+SUPPORTED = (".txt", ".csv", ".jsonl")
+PROMPT_KEYS = ("prompt", "text", "input", "question")
+
+
+class PromptFileError(ValueError):
+    """The prompts file cannot be used; the message says why and where."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file on disk."""
+    path = Path(path)
+    if not path.exists():
+        raise PromptFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise PromptFileError(f"{path}: is a directory, not a prompts file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PromptFileError(f"{path}: cannot read it ({exc.strerror})") from None
+    return parse_prompts(data, path.name)
+
+
+def parse_prompts(data: bytes | str, filename: str) -> list[str]:
+    """Prompts from file contents; the extension of `filename` picks the format."""
+    suffix = Path(filename).suffix.lower()
+    if suffix not in SUPPORTED:
+        raise PromptFileError(
+            f"{filename}: unsupported file type {suffix or '(none)'}; use {', '.join(SUPPORTED)}"
+        )
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise PromptFileError(
+                f"{filename}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+            ) from None
+    else:
+        text = data
+    if suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    elif suffix == ".csv":
+        prompts = _csv(text, filename)
+    else:
+        prompts = _jsonl(text, filename)
+    if not prompts:
+        raise PromptFileError(f"{filename}: contains no prompts")
+    return prompts
+
+
+def _csv(text: str, filename: str) -> list[str]:
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise PromptFileError(f"{filename}: not valid CSV ({exc})") from None
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        return []
+    header = [cell.strip().lower() for cell in rows[0]]
+    column = next((header.index(k) for k in PROMPT_KEYS if k in header), None)
+    if column is None:
+        if len(header) == 1:
+            body, column = rows, 0  # a single unnamed column: every row is a prompt
+        else:
+            raise PromptFileError(
+                f"{filename}: no prompt column; name one of {', '.join(PROMPT_KEYS)} "
+                f"(found {', '.join(rows[0])})"
+            )
+    else:
+        body = rows[1:]
+    prompts = []
+    for number, row in enumerate(body, start=2 if body is not rows else 1):
+        if column >= len(row):
+            raise PromptFileError(f"{filename}: line {number} has no value in the prompt column")
+        if row[column].strip():
+            prompts.append(row[column].strip())
+    return prompts
+
+
+def _jsonl(text: str, filename: str) -> list[str]:
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{filename}: line {number} is not JSON ({exc.msg})") from None
+        if isinstance(value, str):
+            prompt = value
+        elif isinstance(value, dict):
+            key = next((k for k in PROMPT_KEYS if isinstance(value.get(k), str)), None)
+            if key is None:
+                raise PromptFileError(
+                    f"{filename}: line {number} has no text field ({' or '.join(PROMPT_KEYS)})"
+                )
+            prompt = value[key]
+        else:
+            raise PromptFileError(
+                f"{filename}: line {number} must be a string or an object with a prompt"
+            )
+        if prompt.strip():
+            prompts.append(prompt.strip())
+    return prompts

@@ -1,0 +1,169 @@
+"""Writes call records without blocking the event loop, many per transaction (group commit).
+
+Callers `await recorder.record(...)` and get the new `raw_calls` id once the row is
+committed. A single writer task collects whatever records are waiting, writes them in one
+transaction off the event loop (v2 row, v1 row for successes, group membership, and any
+extra work the caller attached, such as marking a batch item done), and resolves each
+caller's future. Transient database errors are retried by `run_write`; if a whole batch
+still fails, each record is written on its own so one bad record cannot sink the others,
+and every failure reaches its caller as a `RecordingError`. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sqlalchemy import Engine
+
+from ..db.connection import UnitOfWork, run_write
+from ..db.records import NewCall, NewRun
+
+log = logging.getLogger(__name__)
+
+# after(uow, call_id, status): extra work in the same transaction as the record
+AfterWrite = Callable[[UnitOfWork, int, str], None]
+
+
+class RecordingError(RuntimeError):
+    """A call could not be recorded. `call_id` is set when the v2 row landed but v1 did not."""
+
+    def __init__(self, message: str, *, call_id: int | None = None) -> None:
+        super().__init__(message)
+        self.call_id = call_id
+
+
+@dataclass
+class _Pending:
+    call: NewCall
+    run: NewRun | None
+    group_id: int | None
+    position: int | None
+    role: str | None
+    after: AfterWrite | None
+    future: asyncio.Future[int] = field(repr=False)
+
+
+class CallRecorder:
+    """Group-commit writer of `raw_calls` (v2) and `inference_runs` (v1) rows."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 500) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending | None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.transactions = 0  # how many write transactions ran (for tests and benchmarks)
+
+    def _ensure_writer(self) -> asyncio.Queue[_Pending | None]:
+        if self._queue is None or self._writer is None or self._writer.done():
+            self._queue = asyncio.Queue()
+            self._writer = asyncio.get_running_loop().create_task(self._drain(self._queue))
+        return self._queue
+
+    async def record(
+        self,
+        call: NewCall,
+        *,
+        run: NewRun | None = None,
+        group_id: int | None = None,
+        position: int | None = None,
+        role: str | None = None,
+        after: AfterWrite | None = None,
+    ) -> int:
+        """Write one call (and its v1 row, group membership, extra work); return its id."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._ensure_writer().put_nowait(
+            _Pending(call, run, group_id, position, role, after, future)
+        )
+        return await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        """Write what is queued, then stop the writer task."""
+        if self._queue is not None and self._writer is not None and not self._writer.done():
+            self._queue.put_nowait(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        self._queue = None
+        self._writer = None
+
+    async def _drain(self, queue: asyncio.Queue[_Pending | None]) -> None:
+        while True:
+            first = await queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            results = await asyncio.to_thread(self._write, batch)
+            for pending, result in zip(batch, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+            if stop:
+                return
+
+    # --- runs in a worker thread ---------------------------------------------------------
+
+    def _write(self, batch: list[_Pending]) -> list[int | BaseException]:
+        try:
+            self.transactions += 1
+            return list(run_write(self.engine, lambda uow: _write_all(uow, batch)))
+        except Exception as exc:
+            if len(batch) == 1:
+                return [self._write_alone(batch[0], exc)]
+            log.warning(
+                "recording %d calls together failed (%s); writing one by one", len(batch), exc
+            )
+            return [self._write_alone(pending, exc) for pending in batch]
+
+    def _write_alone(self, pending: _Pending, first_error: BaseException) -> int | BaseException:
+        try:
+            self.transactions += 1
+            return run_write(self.engine, lambda uow: _write_all(uow, [pending])[0])
+        except Exception as exc:
+            error = exc
+        if pending.run is None:
+            return RecordingError(f"could not record the call: {error}")
+        # Keep the source of truth: v2 (with group and extra work) without the v1 row.
+        try:
+            self.transactions += 1
+            call_id = run_write(
+                self.engine, lambda uow: _write_all(uow, [replace(pending, run=None)])[0]
+            )
+        except Exception as exc:
+            return RecordingError(f"could not record the call: {exc}")
+        return RecordingError(
+            f"recorded call {call_id} in raw_calls, but its inference_runs row failed: {error}",
+            call_id=call_id,
+        )
+
+
+def _write_all(uow: UnitOfWork, batch: list[_Pending]) -> list[int]:
+    ids = uow.calls.add_many([pending.call for pending in batch])
+    runs: list[NewRun] = []
+    for pending, call_id in zip(batch, ids, strict=True):
+        if pending.run is not None:
+            meta: dict[str, Any] = dict(pending.run.metadata_json or {})
+            meta["raw_call_id"] = call_id
+            runs.append(replace(pending.run, metadata_json=meta))
+        if pending.group_id is not None:
+            uow.groups.add_member_at(
+                pending.group_id, call_id, position=pending.position, role=pending.role
+            )
+        if pending.after is not None:
+            pending.after(uow, call_id, pending.call.status)
+    if runs:
+        uow.runs.add_many(runs)
+    return ids
