@@ -77,7 +77,7 @@ class CallRecorder:
         """Write one call (and its v1 row, group membership, extra work); return its id."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._ensure_writer().put_nowait(
-            _Pending(call, run, group_id, position, role, after, future)
+            _Pending(sanitise(call), _sanitise_run(run), group_id, position, role, after, future)
         )
         return await asyncio.shield(future)
 
@@ -148,6 +148,61 @@ class CallRecorder:
             f"recorded call {call_id} in raw_calls, but its inference_runs row failed: {error}",
             call_id=call_id,
         )
+
+
+def json_safe(value: Any) -> tuple[Any, bool]:
+    """`value` with what no database's JSON accepts replaced; and whether anything was.
+
+    PostgreSQL's JSONB refuses the NUL character and neither database takes NaN or
+    infinity, so NUL becomes U+FFFD and non-finite floats become null; the record notes
+    that it was sanitised rather than losing the call.
+    """
+    if isinstance(value, str):
+        return (value.replace("\x00", "\ufffd"), True) if "\x00" in value else (value, False)
+    if isinstance(value, float):
+        return (
+            (None, True)
+            if value != value or value in (float("inf"), float("-inf"))
+            else (
+                value,
+                False,
+            )
+        )
+    if isinstance(value, dict):
+        changed = False
+        out = {}
+        for key, item in value.items():
+            safe_key, key_changed = json_safe(key) if isinstance(key, str) else (key, False)
+            safe_item, item_changed = json_safe(item)
+            out[safe_key] = safe_item
+            changed = changed or key_changed or item_changed
+        return out, changed
+    if isinstance(value, list | tuple):
+        pairs = [json_safe(item) for item in value]
+        return [p[0] for p in pairs], any(p[1] for p in pairs)
+    return value, False
+
+
+def sanitise(call: NewCall) -> NewCall:
+    """The call with its JSON fields made storable (see `json_safe`)."""
+    fields: dict[str, Any] = {}
+    changed = False
+    for name in ("request_json", "response_json", "error_json", "metadata_json"):
+        safe, was_changed = json_safe(getattr(call, name))
+        fields[name] = safe
+        changed = changed or was_changed
+    if not changed:
+        return call
+    fields["metadata_json"] = {**(fields["metadata_json"] or {}), "sanitised": True}
+    return replace(call, **fields)
+
+
+def _sanitise_run(run: NewRun | None) -> NewRun | None:
+    if run is None:
+        return None
+    prompt, p_changed = json_safe(run.prompt)
+    response, r_changed = json_safe(run.response)
+    return replace(run, prompt=prompt, response=response) if p_changed or r_changed else run
 
 
 def _write_all(uow: UnitOfWork, batch: list[_Pending]) -> list[int]:
