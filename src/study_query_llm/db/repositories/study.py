@@ -61,9 +61,9 @@ class StudyQueries:
     def facets(self) -> dict[str, list[str]]:
         """Every provider and model present in the record (for filter choices)."""
         providers = self.session.scalars(
-            select(distinct(RawCall.provider)).order_by(RawCall.provider)
+            select(RawCall.provider).distinct().order_by(RawCall.provider)
         )
-        models = self.session.scalars(select(distinct(RawCall.model)).order_by(RawCall.model))
+        models = self.session.scalars(select(RawCall.model).distinct().order_by(RawCall.model))
         return {"providers": list(providers), "models": list(models)}
 
     def latency_samples(self, filters: CallFilters, per_model: int = 2000) -> list[tuple[Any, ...]]:

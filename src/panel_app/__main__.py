@@ -1,0 +1,5 @@
+"""`python -m panel_app` starts the dashboard."""
+
+from .server import main
+
+main()

@@ -1,0 +1,126 @@
+"""Builds one dashboard page per browser session: sidebar filters shared by every tab."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from datetime import datetime
+
+import panel as pn
+
+from study_query_llm.config import Settings, get_settings
+from study_query_llm.services.context import build_services
+from study_query_llm.services.study import StudyService
+
+from .safe import escape
+from .state import STATUSES, AppState, describe_error
+
+log = logging.getLogger(__name__)
+
+# (tab title, module under panel_app.views, Viewer class). Tabs load when first opened.
+TABS: list[tuple[str, str, str]] = [
+    ("Run", "inference", "RunView"),
+    ("Batch", "batch", "BatchView"),
+    ("Chat", "chat", "ChatView"),
+    ("Analytics", "analytics", "AnalyticsView"),
+    ("Search", "search", "SearchView"),
+    ("Groups", "groups", "GroupsView"),
+    ("Embeddings", "embeddings", "EmbeddingsView"),
+    ("Providers", "providers", "ProvidersView"),
+]
+
+CSS = """
+.sqllm-text { white-space: pre-wrap; word-break: break-word; font-family: inherit;
+              margin: 0; background: transparent; }
+mark { background: #ffe58a; padding: 0 1px; }
+"""
+
+
+def _build_view(state: AppState, module: str, cls: str):
+    try:
+        view_cls = getattr(importlib.import_module(f"panel_app.views.{module}"), cls)
+        return view_cls(state=state)
+    except Exception as exc:
+        log.exception("tab %s failed to build", cls)
+        return pn.pane.Alert(
+            f"This tab could not be shown: {escape(describe_error(exc))}", alert_type="danger"
+        )
+
+
+def _sidebar(state: AppState) -> pn.Column:
+    facets = state.study.facets()
+    groups = state.study.groups()
+    group_options = {"(all)": None} | {
+        f"{row.group_type}: {row.name}": int(row.id) for row in groups.itertuples()
+    }
+    dates = pn.widgets.DatetimeRangeInput(name="Time range (UTC)", value=(None, None), width=260)
+    providers = pn.widgets.MultiChoice(
+        name="Providers", options=facets["providers"], placeholder="all", width=260
+    )
+    models = pn.widgets.MultiChoice(
+        name="Models", options=facets["models"], placeholder="all", width=260
+    )
+    status = pn.widgets.Select(name="Status", options=STATUSES, width=260)
+    group = pn.widgets.Select(name="Group", options=group_options, width=260)
+    refresh = pn.widgets.Button(name="Refresh choices", width=260)
+
+    def apply_dates(event) -> None:
+        start, end = event.new if event.new else (None, None)
+        state.param.update(
+            start=start if isinstance(start, datetime) else None,
+            end=end if isinstance(end, datetime) else None,
+        )
+
+    dates.param.watch(apply_dates, "value")
+    providers.link(state, value="providers")
+    models.link(state, value="models")
+    status.link(state, value="status")
+    group.link(state, value="group_id")
+
+    async def reload(_event=None) -> None:
+        new_facets = await state.read(state.study.facets)
+        new_groups = await state.read(state.study.groups)
+        providers.options = new_facets["providers"]
+        models.options = new_facets["models"]
+        group.options = {"(all)": None} | {
+            f"{row.group_type}: {row.name}": int(row.id) for row in new_groups.itertuples()
+        }
+
+    refresh.on_click(reload)
+    state.param.watch(lambda _e: pn.state.execute(reload), "version")
+    return pn.Column(
+        pn.pane.Markdown("### Filters\nApplied to every tab."),
+        dates,
+        providers,
+        models,
+        status,
+        group,
+        refresh,
+    )
+
+
+def create_app(settings: Settings | None = None) -> pn.template.FastListTemplate:
+    """A fresh page with its own state and services (one per browser session)."""
+    settings = settings or get_settings()
+    services = build_services(settings, migrate_first=False)
+    state = AppState(services=services, study=StudyService(services.engine))
+
+    def close(_context) -> None:
+        pn.state.execute(services.aclose)
+
+    if pn.state.curdoc is not None:
+        pn.state.on_session_destroyed(close)
+
+    tabs = pn.Tabs(dynamic=True, sizing_mode="stretch_width")
+    for title, module, cls in TABS:
+        tabs.append((title, _build_view(state, module, cls)))
+
+    template = pn.template.FastListTemplate(
+        title="Study Query LLM",
+        sidebar=[_sidebar(state)],
+        main=[tabs],
+        header_background="#2f4f6f",
+        raw_css=[CSS],
+        sidebar_width=300,
+    )
+    return template

@@ -1,0 +1,73 @@
+"""Per-session state: the services, the global filters and a refresh signal for every tab."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import panel as pn
+import param
+
+from study_query_llm.db.filters import CallFilters
+from study_query_llm.services.study import StudyService
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STATUSES = ["(any)", "success", "failed", "timeout", "cancelled"]
+
+
+class AppState(param.Parameterized):
+    """What one browser session shares between its tabs. Never shared between sessions."""
+
+    services = param.Parameter(doc="The session's Services (inference, batches, ...).")
+    study = param.ClassSelector(class_=StudyService, doc="Read-side queries as frames.")
+
+    start = param.Date(default=None, allow_None=True, doc="Only calls at or after this time.")
+    end = param.Date(default=None, allow_None=True, doc="Only calls before this time.")
+    providers = param.List(default=[], item_type=str, doc="Only these providers (empty: all).")
+    models = param.List(default=[], item_type=str, doc="Only these models (empty: all).")
+    status = param.Selector(default="(any)", objects=STATUSES, doc="Only calls in this state.")
+    group_id = param.Integer(default=None, allow_None=True, doc="Only calls of this group.")
+
+    version = param.Integer(default=0, doc="Bumped whenever new calls are recorded.")
+
+    @param.depends("start", "end", "providers", "models", "status", "group_id")
+    def filters(self) -> CallFilters:
+        """The global filters as the library's filter object."""
+        return CallFilters(
+            start=self.start if isinstance(self.start, datetime) else None,
+            end=self.end if isinstance(self.end, datetime) else None,
+            providers=tuple(self.providers),
+            models=tuple(self.models),
+            status=None if self.status == "(any)" else self.status,
+            group_id=self.group_id,
+        )
+
+    def recorded(self) -> None:
+        """Tell every tab that the record changed (a run, a batch item, a label...)."""
+        self.version += 1
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking database work off the server's event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def notify(message: str, level: str = "info", duration: int = 6000) -> None:
+    """A toast notification (no traceback, ever)."""
+    notifications = pn.state.notifications
+    if notifications is None:
+        log.info("%s: %s", level, message)
+        return
+    getattr(notifications, level if level in ("info", "success", "warning", "error") else "info")(
+        message, duration=duration
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """One human line for an error shown in the UI (never a traceback)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
