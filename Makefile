@@ -21,9 +21,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## run: create the virtual environment, install, and start the app (mock provider, SQLite)
+## run: create the virtual environment, install, and start the dashboard on port 5006
 run: $(VENV)/.installed
-	$(BIN)/study-query-llm ask --provider mock "Why do language models answer differently each time?"
+	$(BIN)/study-query-llm-dashboard --port $${PANEL_PORT:-5006} --address $${PANEL_ADDRESS:-127.0.0.1}
 
 ## test: install what the tests need (packages, services) and run the whole suite
 test: $(VENV)/.installed-dev services

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Make sure what the test suite talks to is running: the local PostgreSQL server.
-# Installs PostgreSQL from the distribution's packages if it is missing, starts it if it is
-# down, and waits until it accepts connections. Safe to run repeatedly.
+# Make sure what the test suite needs is there: Chromium for the UI tests, and the local
+# PostgreSQL server for the integration tests. Installs either from the distribution's
+# packages when missing, starts PostgreSQL when it is down, and waits until it accepts
+# connections. Safe to run repeatedly.
 set -euo pipefail
 
 PGHOST="${TEST_POSTGRES_HOST:-127.0.0.1}"
@@ -14,6 +15,19 @@ as_root() {
 
 pg_up() { pg_isready -q -h "$PGHOST" -p "$PGPORT" 2>/dev/null; }
 
+apt_updated=""
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+    as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+if [ ! -x /usr/bin/chromium ]; then
+    echo "chromium: not installed; installing it (for the UI tests)"
+    apt_install chromium
+fi
+echo "chromium: $(/usr/bin/chromium --version 2>/dev/null || echo missing)"
+
 if command -v pg_isready >/dev/null && pg_up; then
     echo "postgresql: accepting connections on $PGHOST:$PGPORT"
     exit 0
@@ -21,9 +35,7 @@ fi
 
 if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
     echo "postgresql: not installed; installing it"
-    export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get update -qq
-    as_root apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+    apt_install postgresql postgresql-contrib
 fi
 
 version="$(ls /etc/postgresql | sort -V | tail -n1)"
