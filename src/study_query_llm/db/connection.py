@@ -220,6 +220,7 @@ def _psycopg_transient_types() -> tuple[type[BaseException], ...]:
 
 
 _TRANSIENT_DRIVER_ERRORS = (sqlite3.OperationalError, *_psycopg_transient_types())
+_SQLITE_TRANSIENT_WORDS = ("locked", "busy", "disk i/o", "unable to open", "interrupted")
 
 
 def is_transient_error(exc: BaseException) -> bool:
@@ -229,6 +230,12 @@ def is_transient_error(exc: BaseException) -> bool:
     """
     if "append-only" in str(exc):
         return False
+    orig = getattr(exc, "orig", exc)
+    if isinstance(orig, sqlite3.OperationalError):
+        # SQLite reports schema mistakes ("no such table", syntax) as OperationalError
+        # too; only locking and I/O trouble is worth another try.
+        message = str(orig).lower()
+        return any(word in message for word in _SQLITE_TRANSIENT_WORDS)
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
             return True

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import math
+import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from ..db.records import NewCall
 from ..providers import BaseLLMProvider, ModelNotFoundError, ProviderError, create
 from ..providers.pricing import PricingTable
 from .inference import RetryPolicy, status_for
+from .recorder import sanitise
 
 ENCODING_FORMAT = "float"
 
@@ -194,6 +196,7 @@ class EmbeddingService:
         async def sleep(seconds: float) -> None:
             await self._sleep(seconds)
 
+        started = time.monotonic()
         retrying = AsyncRetrying(
             stop=lambda _state: last_was_final[0],
             wait=policy.wait_seconds,
@@ -208,7 +211,11 @@ class EmbeddingService:
                     self.provider_calls += 1
                     response = await instance.embed(texts, model=model, dimensions=dimensions)
                 except ProviderError as error:
-                    final = not (error.transient and number < policy.max_attempts)
+                    final = not (
+                        error.transient
+                        and number < policy.max_attempts
+                        and time.monotonic() - started < policy.max_total_s
+                    )
                     last_was_final[0] = final
                     if isinstance(error, ModelNotFoundError):
                         self._invalid[(provider, model)] = error
@@ -251,7 +258,8 @@ class EmbeddingService:
             )
 
         def write(uow: UnitOfWork) -> dict[str, tuple[int, list[float]]]:
-            ids = uow.calls.add_many([call for call, _ in calls])
+            # sanitise: PostgreSQL's JSON refuses NUL; store U+FFFD rather than lose the call
+            ids = uow.calls.add_many([sanitise(call) for call, _ in calls])
             out: dict[str, tuple[int, list[float]]] = {}
             for call_id, (call, vector) in zip(ids, calls, strict=True):
                 uow.embeddings.add(call_id, model, vector)
@@ -266,20 +274,22 @@ class EmbeddingService:
         self, provider, model, dimensions, chunk, error, number, final, batch_request
     ) -> None:
         calls = [
-            NewCall(
-                provider=provider,
-                model=model,
-                modality="embedding",
-                status=status_for(error),
-                request_json={"input": text, "dimensions": dimensions},
-                error_json=error.to_json(),
-                request_hash=h,
-                metadata_json={
-                    "attempt": number,
-                    "final_attempt": final,
-                    "batch_request": batch_request,
-                    "batch_size": len(chunk),
-                },
+            sanitise(
+                NewCall(
+                    provider=provider,
+                    model=model,
+                    modality="embedding",
+                    status=status_for(error),
+                    request_json={"input": text, "dimensions": dimensions},
+                    error_json=error.to_json(),
+                    request_hash=h,
+                    metadata_json={
+                        "attempt": number,
+                        "final_attempt": final,
+                        "batch_request": batch_request,
+                        "batch_size": len(chunk),
+                    },
+                )
             )
             for h, text in chunk
         ]

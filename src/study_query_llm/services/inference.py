@@ -9,9 +9,11 @@ returns the recorded call ids. Identical concurrent requests can share one provi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    wait_exponential_jitter,
 )
 
 from ..db.records import NewCall, NewRun
@@ -62,21 +63,15 @@ class RetryPolicy:
         """Seconds to wait after failed attempt `attempt_number` (1-based)."""
         if isinstance(error, RateLimitError) and error.retry_after is not None:
             return min(error.retry_after, self.max_retry_after_s)
-        backoff = wait_exponential_jitter(
-            initial=self.initial_backoff_s, max=self.max_backoff_s, jitter=self.jitter_s
-        )
-        return float(_backoff(backoff, max(1, attempt_number)))
+        # Exponential backoff with jitter, as tenacity's wait_exponential_jitter computes it
+        # (whose parameter names differ between tenacity versions).
+        exponential = self.initial_backoff_s * 2 ** (max(1, attempt_number) - 1)
+        return max(0.0, min(exponential + random.uniform(0, self.jitter_s), self.max_backoff_s))
 
     def wait_seconds(self, state: RetryCallState) -> float:
         """tenacity `wait=` hook: Retry-After when the server sent one, else backoff."""
         error = state.outcome.exception() if state.outcome else None
         return self.delay_for(error, state.attempt_number)
-
-
-def _backoff(strategy: Any, attempt_number: int) -> float:
-    state = RetryCallState(None, None, (), {})
-    state.attempt_number = attempt_number
-    return strategy(state)
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -243,15 +238,21 @@ class InferenceService:
             parts: list[str] = []
             response: ProviderResponse | None = None
             try:
-                async for item in prepared.instance.stream(
-                    prepared.sent, model=prepared.model, **prepared.options
-                ):
-                    if isinstance(item, ProviderResponse):
-                        response = item
-                    else:
-                        parts.append(item)
-                        yield item
-            except asyncio.CancelledError:
+                # aclosing: a reader that stops early also closes the provider's stream.
+                async with contextlib.aclosing(
+                    prepared.instance.stream(
+                        prepared.sent, model=prepared.model, **prepared.options
+                    )
+                ) as items:
+                    async for item in items:
+                        if isinstance(item, ProviderResponse):
+                            response = item
+                        else:
+                            parts.append(item)
+                            yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                # Cancelled, or the reader stopped reading (the generator was closed at a
+                # `yield`): the attempt still gets its row, with the text shown so far.
                 cancelled = ProviderError("cancelled by the caller", provider=provider)
                 cancelled.kind = "cancelled"
                 await asyncio.shield(
@@ -263,7 +264,7 @@ class InferenceService:
                         prepared.key,
                         number,
                         True,
-                        {**metadata, "partial_text": "".join(parts)},
+                        {**metadata, "partial_text": "".join(parts), "streamed": True},
                         group_id,
                         position,
                         role,
@@ -358,10 +359,15 @@ class InferenceService:
         prepared = self._prepare(prompt, provider, model, options, template, preprocess_config)
         instance, key = prepared.instance, prepared.key
         if dedup:
-            shared = self._in_flight.get(key)
-            if shared is not None:
-                result = await asyncio.shield(shared)
-                return _as_shared(result)
+            while (shared := self._in_flight.get(key)) is not None:
+                try:
+                    return _as_shared(await asyncio.shield(shared))
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not shared.cancelled() or (task is not None and task.cancelling()):
+                        raise  # this caller was cancelled
+                    # The call being shared was cancelled, not this caller: make or share
+                    # a new one (the first follower to get here becomes the leader).
             future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
             self._in_flight[key] = future
         try:

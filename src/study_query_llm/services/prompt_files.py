@@ -5,6 +5,7 @@ Every problem is a `PromptFileError` that names the file and, where it applies, 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -43,8 +44,12 @@ def parse_prompts(data: bytes | str, filename: str) -> list[str]:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
+            # utf-8-sig counts from after the BOM; report the position in the file
+            offset = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+            line = data.count(b"\n", 0, offset) + 1
             raise PromptFileError(
-                f"{filename}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+                f"{filename}: not UTF-8 text (line {line}, byte {offset + 1} cannot be "
+                "decoded); save the file as UTF-8"
             ) from None
     else:
         text = data
@@ -60,14 +65,22 @@ def parse_prompts(data: bytes | str, filename: str) -> list[str]:
 
 
 def _csv(text: str, filename: str) -> list[str]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, list[str]]] = []  # (line where the row starts, cells)
     try:
-        rows = list(csv.reader(io.StringIO(text)))
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                # Count physical lines, as an editor shows them: the row ends on
+                # `line_num` and starts as many lines earlier as its quoted cells span.
+                rows.append((reader.line_num - sum(cell.count("\n") for cell in row), row))
     except csv.Error as exc:
-        raise PromptFileError(f"{filename}: not valid CSV ({exc})") from None
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
+        raise PromptFileError(
+            f"{filename}: line {reader.line_num} is not valid CSV ({exc})"
+        ) from None
     if not rows:
         return []
-    header = [cell.strip().lower() for cell in rows[0]]
+    header_cells = rows[0][1]
+    header = [cell.strip().lower() for cell in header_cells]
     column = next((header.index(k) for k in PROMPT_KEYS if k in header), None)
     if column is None:
         if len(header) == 1:
@@ -75,12 +88,12 @@ def _csv(text: str, filename: str) -> list[str]:
         else:
             raise PromptFileError(
                 f"{filename}: no prompt column; name one of {', '.join(PROMPT_KEYS)} "
-                f"(found {', '.join(rows[0])})"
+                f"(found {', '.join(header_cells)})"
             )
     else:
         body = rows[1:]
     prompts = []
-    for number, row in enumerate(body, start=2 if body is not rows else 1):
+    for number, row in body:
         if column >= len(row):
             raise PromptFileError(f"{filename}: line {number} has no value in the prompt column")
         if row[column].strip():
@@ -90,7 +103,10 @@ def _csv(text: str, filename: str) -> list[str]:
 
 def _jsonl(text: str, filename: str) -> list[str]:
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only \n ends a JSONL line: str.splitlines() would also split on U+2028, U+0085 and
+    # other characters that JSON allows unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

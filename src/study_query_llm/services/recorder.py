@@ -202,7 +202,10 @@ def _sanitise_run(run: NewRun | None) -> NewRun | None:
         return None
     prompt, p_changed = json_safe(run.prompt)
     response, r_changed = json_safe(run.response)
-    return replace(run, prompt=prompt, response=response) if p_changed or r_changed else run
+    metadata, m_changed = json_safe(run.metadata_json)
+    if not (p_changed or r_changed or m_changed):
+        return run
+    return replace(run, prompt=prompt, response=response, metadata_json=metadata)
 
 
 def _write_all(uow: UnitOfWork, batch: list[_Pending]) -> list[int]:
