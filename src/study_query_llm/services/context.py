@@ -22,6 +22,7 @@ from ..db import migrate
 from ..db.connection import get_engine
 from ..providers import create
 from ..providers.pricing import PricingTable
+from ._common import ProviderPool
 from .conversation import ConversationService
 from .embedding import EmbeddingService
 from .inference import InferenceService, RetryPolicy
@@ -58,9 +59,9 @@ def build_services(
         migrate.upgrade(settings.database_url)
     engine = get_engine(settings.database_url)
     pricing = PricingTable(settings.pricing_table_overrides())
-    factory = partial(create, settings=settings)
+    pool = ProviderPool(partial(create, settings=settings))  # one client per provider, shared
     recorder = CallRecorder(engine)
-    inference = InferenceService(recorder, providers=factory, pricing=pricing, retry=retry)
+    inference = InferenceService(recorder, providers=pool, pricing=pricing, retry=retry)
     return Services(
         settings=settings,
         engine=engine,
@@ -68,7 +69,7 @@ def build_services(
         inference=inference,
         batches=BatchService(engine, inference),
         conversations=ConversationService(engine, inference),
-        embeddings=EmbeddingService(engine, providers=factory, pricing=pricing, retry=retry),
+        embeddings=EmbeddingService(engine, providers=pool, pricing=pricing, retry=retry),
     )
 
 

@@ -6,7 +6,6 @@ calls, so a conversation resumes after a restart exactly where it stopped.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,8 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ..db.column_types import utcnow
-from ..db.connection import UnitOfWork, run_write
+from ..db.connection import UnitOfWork
+from ._common import db_io
 from .inference import InferenceService, RunResult
 
 GROUP_TYPE = "conversation"
@@ -39,14 +39,7 @@ class ConversationService:
         self.inference = inference
 
     async def _io(self, fn: Callable[[UnitOfWork], Any], *, write: bool = False) -> Any:
-        if write:
-            return await asyncio.to_thread(run_write, self.engine, fn)
-
-        def read() -> Any:
-            with UnitOfWork(self.engine) as uow:
-                return fn(uow)
-
-        return await asyncio.to_thread(read)
+        return await db_io(self.engine, fn, write=write)
 
     async def start(
         self,

@@ -23,10 +23,11 @@ from typing import Any
 from sqlalchemy import Engine
 from tenacity import AsyncRetrying, retry_if_exception
 
-from ..db.connection import UnitOfWork, run_write
+from ..db.connection import UnitOfWork
 from ..db.records import NewCall
-from ..providers import BaseLLMProvider, ModelNotFoundError, ProviderError, create
+from ..providers import BaseLLMProvider, ModelNotFoundError, ProviderError
 from ..providers.pricing import PricingTable
+from ._common import ProviderPool, as_pool, db_io
 from .inference import RetryPolicy, status_for
 from .recorder import sanitise
 
@@ -84,14 +85,13 @@ class EmbeddingService:
         self,
         engine: Engine,
         *,
-        providers: Callable[[str], BaseLLMProvider] | None = None,
+        providers: ProviderPool | Callable[[str], BaseLLMProvider] | None = None,
         pricing: PricingTable | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self.engine = engine
-        self._factory = providers or create
-        self._providers: dict[str, BaseLLMProvider] = {}
+        self._pool = as_pool(providers)
         self.pricing = pricing or PricingTable()
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
@@ -100,26 +100,13 @@ class EmbeddingService:
         self.provider_calls = 0
 
     def provider(self, provider_id: str) -> BaseLLMProvider:
-        instance = self._providers.get(provider_id)
-        if instance is None:
-            instance = self._factory(provider_id)
-            self._providers[provider_id] = instance
-        return instance
+        return self._pool.get(provider_id)
 
     async def aclose(self) -> None:
-        for instance in self._providers.values():
-            await instance.aclose()
-        self._providers.clear()
+        await self._pool.aclose()
 
     async def _io(self, fn: Callable[[UnitOfWork], Any], *, write: bool = False) -> Any:
-        if write:
-            return await asyncio.to_thread(run_write, self.engine, fn)
-
-        def read() -> Any:
-            with UnitOfWork(self.engine) as uow:
-                return fn(uow)
-
-        return await asyncio.to_thread(read)
+        return await db_io(self.engine, fn, write=write)
 
     async def validate(self, provider: str, model: str) -> None:
         """Probe a model/deployment once (a one-word embedding) and remember the answer."""

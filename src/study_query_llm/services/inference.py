@@ -32,10 +32,10 @@ from ..providers import (
     ProviderResponse,
     ProviderTimeoutError,
     RateLimitError,
-    create,
 )
 from ..providers.base import CompletionOptions, normalise_messages
 from ..providers.pricing import PricingTable
+from ._common import ProviderPool, as_pool
 from .preprocessing import PreprocessConfig, PreprocessResult, preprocess
 from .recorder import AfterWrite, CallRecorder
 
@@ -139,15 +139,14 @@ class InferenceService:
         self,
         recorder: CallRecorder,
         *,
-        providers: Callable[[str], BaseLLMProvider] | None = None,
+        providers: ProviderPool | Callable[[str], BaseLLMProvider] | None = None,
         pricing: PricingTable | None = None,
         retry: RetryPolicy | None = None,
         preprocess_config: PreprocessConfig | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.recorder = recorder
-        self._factory = providers or create
-        self._providers: dict[str, BaseLLMProvider] = {}
+        self._pool = as_pool(providers)
         self.pricing = pricing or PricingTable()
         self.retry = retry or RetryPolicy()
         self.preprocess_config = preprocess_config or PreprocessConfig()
@@ -156,17 +155,11 @@ class InferenceService:
 
     def provider(self, provider_id: str) -> BaseLLMProvider:
         """The provider instance for an id, built once and reused (one SDK client each)."""
-        instance = self._providers.get(provider_id)
-        if instance is None:
-            instance = self._factory(provider_id)
-            self._providers[provider_id] = instance
-        return instance
+        return self._pool.get(provider_id)
 
     async def aclose(self) -> None:
         """Close provider clients and flush pending records."""
-        for instance in self._providers.values():
-            await instance.aclose()
-        self._providers.clear()
+        await self._pool.aclose()
         await self.recorder.aclose()
 
     # --- preparing a request -------------------------------------------------------------
