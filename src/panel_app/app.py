@@ -7,6 +7,7 @@ import logging
 from datetime import datetime
 
 import panel as pn
+from panel.theme import fast as fast_theme
 
 from study_query_llm.config import Settings, get_settings
 from study_query_llm.services.context import build_services
@@ -16,6 +17,19 @@ from .safe import escape
 from .state import STATUSES, AppState, describe_error
 
 log = logging.getLogger(__name__)
+
+
+class OfflineFast(fast_theme.Fast):
+    """Panel's Fast design without its web-font download (every resource is served locally).
+
+    Resource paths are derived from the class name, so the subclass keeps the name "Fast".
+    """
+
+    _resources = {k: v for k, v in fast_theme.Fast._resources.items() if k != "font"}
+
+
+OfflineFast.__name__ = OfflineFast.__qualname__ = "Fast"
+
 
 # (tab title, module under panel_app.views, Viewer class). Tabs load when first opened.
 TABS: list[tuple[str, str, str]] = [
@@ -122,5 +136,9 @@ def create_app(settings: Settings | None = None) -> pn.template.FastListTemplate
         header_background="#2f4f6f",
         raw_css=[CSS],
         sidebar_width=300,
+        # System fonts: the page must not fetch anything from the internet (offline labs).
+        design=OfflineFast,
+        font="-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif",
+        font_url="",
     )
     return template
