@@ -61,18 +61,27 @@ def _build_view(state: AppState, module: str, cls: str):
         )
 
 
+def _choices(values: list[str]) -> dict[str, str]:
+    """Widget options whose labels are escaped: the choices widget renders labels as HTML."""
+    return {escape(value): value for value in values}
+
+
+def _group_choices(groups) -> dict[str, int | None]:
+    return {"(all)": None} | {
+        escape(f"{row.group_type}: {row.name}"): int(row.id) for row in groups.itertuples()
+    }
+
+
 def _sidebar(state: AppState) -> pn.Column:
     facets = state.study.facets()
     groups = state.study.groups()
-    group_options = {"(all)": None} | {
-        f"{row.group_type}: {row.name}": int(row.id) for row in groups.itertuples()
-    }
+    group_options = _group_choices(groups)
     dates = pn.widgets.DatetimeRangeInput(name="Time range (UTC)", value=(None, None), width=260)
     providers = pn.widgets.MultiChoice(
-        name="Providers", options=facets["providers"], placeholder="all", width=260
+        name="Providers", options=_choices(facets["providers"]), placeholder="all", width=260
     )
     models = pn.widgets.MultiChoice(
-        name="Models", options=facets["models"], placeholder="all", width=260
+        name="Models", options=_choices(facets["models"]), placeholder="all", width=260
     )
     status = pn.widgets.Select(name="Status", options=STATUSES, width=260)
     group = pn.widgets.Select(name="Group", options=group_options, width=260)
@@ -94,11 +103,9 @@ def _sidebar(state: AppState) -> pn.Column:
     async def reload(_event=None) -> None:
         new_facets = await state.read(state.study.facets)
         new_groups = await state.read(state.study.groups)
-        providers.options = new_facets["providers"]
-        models.options = new_facets["models"]
-        group.options = {"(all)": None} | {
-            f"{row.group_type}: {row.name}": int(row.id) for row in new_groups.itertuples()
-        }
+        providers.options = _choices(new_facets["providers"])
+        models.options = _choices(new_facets["models"])
+        group.options = _group_choices(new_groups)
 
     refresh.on_click(reload)
     state.param.watch(lambda _e: pn.state.execute(reload), "version")

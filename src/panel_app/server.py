@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import panel as pn
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", action="store_true", help="open a browser")
     args = parser.parse_args(argv)
 
+    # Serve every JS/CSS resource from this server, never from a CDN (offline labs).
+    os.environ.setdefault("BOKEH_RESOURCES", "server")
     settings = get_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
