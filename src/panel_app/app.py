@@ -67,8 +67,9 @@ def _choices(values: list[str]) -> dict[str, str]:
 
 
 def _group_choices(groups) -> dict[str, int | None]:
+    # A Select shows labels as plain text (no escaping needed, unlike MultiChoice).
     return {"(all)": None} | {
-        escape(f"{row.group_type}: {row.name}"): int(row.id) for row in groups.itertuples()
+        f"{row.group_type}: {row.name}": int(row.id) for row in groups.itertuples()
     }
 
 
