@@ -18,11 +18,11 @@ def escape(text: object) -> str:
 
 
 def escape_markdown(text: object) -> str:
-    """Escape for a Markdown pane: HTML-escaped and Markdown punctuation neutralised."""
-    escaped = escape(text)
+    """Escape for a Markdown pane: Markdown punctuation neutralised, then HTML-escaped."""
+    text = "" if text is None else str(text)
     for ch in ("\\", "`", "*", "_", "[", "]", "#", "|", "~", "!"):
-        escaped = escaped.replace(ch, "\\" + ch)
-    return escaped
+        text = text.replace(ch, "\\" + ch)
+    return escape(text)
 
 
 def highlight(snippet: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -62,8 +63,9 @@ def notify(message: str, level: str = "info", duration: int = 6000) -> None:
     if notifications is None:
         log.info("%s: %s", level, message)
         return
+    # Toasts render HTML: the message may quote a provider's error (and so user text).
     getattr(notifications, level if level in ("info", "success", "warning", "error") else "info")(
-        message, duration=duration
+        html.escape(message, quote=True), duration=duration
     )
 
 
