@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import os
 import socket
 import time
@@ -25,13 +27,28 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db.column_types import utcnow
-from ..db.connection import UnitOfWork, run_write
+from ..db.connection import UnitOfWork, is_transient_error, run_write
+from ..db.models_v2 import Group
 from ..db.repositories.jobs import ClaimedItem, JobCounts, JobRepository, PlannedItem
 from ..providers import ProviderError
 from .inference import InferenceService, RetryPolicy, RunResult
 from .preprocessing import PreprocessConfig
+from .recorder import RecordingError
+
+log = logging.getLogger(__name__)
+
+# How long batch bookkeeping (claims, leases, item outcomes) keeps retrying a database
+# that went away (a PostgreSQL restart, a failover) before the run gives up.
+DB_PATIENCE_S = 60.0
+# A worker with nothing to claim while others hold items looks again at least this often.
+IDLE_POLL_S = 0.5
+# An item whose call could not be recorded is put back this many times, then failed.
+MAX_CLAIMS = 3
+# Job and group names are VARCHAR(200); leave room for a " (n)" suffix.
+MAX_NAME_LENGTH = 190
 
 
 @dataclass(frozen=True)
@@ -122,22 +139,40 @@ def default_worker_id() -> str:
 class BatchService:
     """Creates, runs, resumes, inspects and cancels batch jobs."""
 
-    def __init__(self, engine: Engine, inference: InferenceService) -> None:
+    def __init__(
+        self, engine: Engine, inference: InferenceService, *, db_patience_s: float = DB_PATIENCE_S
+    ) -> None:
         self.engine = engine
         self.inference = inference
+        self.db_patience_s = db_patience_s
         self._cancelled: set[int] = set()
+        self._runs: dict[int, set[_Run]] = {}
 
     # --- database helpers (off the event loop) -------------------------------------------
 
+    async def _patiently(self, work: Callable[[], Any]) -> Any:
+        """Run `work` in a thread; ride out a database that is briefly unreachable."""
+        deadline = time.monotonic() + self.db_patience_s
+        delay = 0.1
+        while True:
+            try:
+                return await asyncio.to_thread(work)
+            except Exception as exc:
+                if not is_transient_error(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("batch bookkeeping: database unavailable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _write(self, fn: Callable[[UnitOfWork], Any]) -> Any:
-        return await asyncio.to_thread(run_write, self.engine, fn)
+        return await self._patiently(lambda: run_write(self.engine, fn))
 
     async def _read(self, fn: Callable[[UnitOfWork], Any]) -> Any:
         def work() -> Any:
             with UnitOfWork(self.engine) as uow:
                 return fn(uow)
 
-        return await asyncio.to_thread(work)
+        return await self._patiently(work)
 
     # --- create --------------------------------------------------------------------------
 
@@ -153,7 +188,9 @@ class BatchService:
         dedup: bool = False,
     ) -> int:
         """Persist the job, its group and all planned items; no call is made yet."""
-        prompts = [p for p in prompts]
+        # PostgreSQL text cannot hold NUL: store U+FFFD instead, on every database alike
+        # (as the recorder does), rather than fail the whole batch on PostgreSQL only.
+        prompts = [str(p).replace("\x00", "\ufffd") for p in prompts]
         if not prompts:
             raise ValueError("the batch has no prompts")
         blank = [i for i, p in enumerate(prompts) if not str(p).strip()]
@@ -164,7 +201,13 @@ class BatchService:
         from ..providers.base import CompletionOptions
 
         CompletionOptions.parse("batch", dict(options or {}))
-        name = name or f"batch {utcnow():%Y-%m-%d %H:%M:%S}"
+        if n_samples < 1:
+            raise ValueError("n_samples must be at least 1")
+        if not targets:
+            raise ValueError("a batch needs at least one provider:model target")
+        name = (name or "").strip() or f"batch {utcnow():%Y-%m-%d %H:%M:%S}"
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"the batch name is longer than {MAX_NAME_LENGTH} characters")
         total = len(prompts) * len(targets) * n_samples
         spec = {
             "targets": [[t.provider, t.model] for t in targets],
@@ -176,11 +219,13 @@ class BatchService:
         }
 
         def create(uow: UnitOfWork) -> int:
-            group = uow.groups.get_or_create(
-                "batch", name, description=f"{total} planned calls", metadata={"spec": spec}
+            # Every batch gets a group of its own: a name already taken (a rerun with the
+            # same --group, two batches started in the same second) gets a " (2)" suffix.
+            group_id, unique_name = _new_group(
+                uow, "batch", name, description=f"{total} planned calls", metadata={"spec": spec}
             )
             jobs = JobRepository(uow.session)
-            job_id = jobs.create(name, spec, group_id=group.id, total_items=total)
+            job_id = jobs.create(unique_name, spec, group_id=group_id, total_items=total)
             jobs.add_items(job_id, plan_items(prompts, targets, n_samples))
             return job_id
 
@@ -211,15 +256,27 @@ class BatchService:
         return await self._read(read)
 
     async def cancel(self, job_id: int) -> int:
-        """Stop a job: running workers stop claiming, pending items become cancelled."""
+        """Stop a job now; returns how many pending items were cancelled.
+
+        Pending items become cancelled and the job's status `cancelled`. Runs of the job in
+        this service stop at once: calls in flight are abandoned (each is recorded with
+        status `cancelled`) and the items they held are cancelled too. Runs elsewhere (other
+        processes) stop claiming and end when their calls in flight finish. `reopen` and
+        `run_job` finish a cancelled job later.
+        """
         self._cancelled.add(job_id)
 
         def cancel(uow: UnitOfWork) -> int:
             repo = JobRepository(uow.session)
-            repo.set_status(job_id, "cancelled")
+            repo.get(job_id)  # JobNotFoundError for an unknown id
+            # A completed job stays completed: there is nothing left to stop.
+            repo.set_status(job_id, "cancelled", only_from=("pending", "running"))
             return repo.cancel_open(job_id)
 
-        return await self._write(cancel)
+        cancelled = await self._write(cancel)
+        for run in list(self._runs.get(job_id, ())):
+            run.stop()
+        return cancelled
 
     async def reopen(self, job_id: int) -> int:
         """Make cancelled items pending again so `run_job` can finish a cancelled job."""
@@ -255,13 +312,29 @@ class BatchService:
         per_provider: dict[str, int] | None = None,
         on_progress: ProgressCallback | None = None,
         dedup: bool = False,
+        preprocess: PreprocessConfig | None = None,
+        worker: str | None = None,
+        lease_s: float = 60.0,
+        retry: RetryPolicy | None = None,
     ) -> AsyncIterator[ItemOutcome]:
         """Create a job and run it; yields outcomes as items finish."""
         job_id = await self.create_job(
-            prompts, targets, n_samples=n_samples, options=options, name=name, dedup=dedup
+            prompts,
+            targets,
+            n_samples=n_samples,
+            options=options,
+            name=name,
+            preprocess=preprocess,
+            dedup=dedup,
         )
         async for outcome in self.run_job(
-            job_id, concurrency=concurrency, per_provider=per_provider, on_progress=on_progress
+            job_id,
+            concurrency=concurrency,
+            per_provider=per_provider,
+            on_progress=on_progress,
+            worker=worker,
+            lease_s=lease_s,
+            retry=retry,
         ):
             yield outcome
 
@@ -279,17 +352,21 @@ class BatchService:
         """Drain the job's open items; yields each outcome as it finishes.
 
         Stops when every item is finished. Items another live worker holds are waited
-        for (until their lease runs out, when this worker may take them over).
+        for (until their lease runs out, when this worker may take them over). This run
+        holds at most 2 x `concurrency` claimed items at a time; memory stays bounded
+        however large the job. A cancelled job does not run until it is reopened.
         """
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if not lease_s > 0:
+            raise ValueError("the lease must be longer than 0 seconds")
         worker = worker or default_worker_id()
         self._cancelled.discard(job_id)
         job = await self.job(job_id)
+        if job["status"] == "cancelled":
+            return
         spec = job["spec_json"]
         counts: JobCounts = job["counts"]
-        if job["status"] == "cancelled" and counts.open == 0:
-            return
         options = dict(spec.get("options") or {})
         preprocess = PreprocessConfig(**spec["preprocess"]) if spec.get("preprocess") else None
         dedup = bool(spec.get("dedup"))
@@ -298,39 +375,67 @@ class BatchService:
 
         progress = BatchProgress(total=counts.total, already_done=counts.finished)
         queue: asyncio.Queue[ItemOutcome | None] = asyncio.Queue(maxsize=concurrency * 2)
-        local: deque[ClaimedItem] = deque()
-        held: set[int] = set()
+        local: deque[ClaimedItem] = deque()  # claimed, not yet started
+        held: set[int] = set()  # claimed by this run and not finished: local + started
+        claiming: set[asyncio.Task[list[ClaimedItem]]] = set()
         claim_lock = asyncio.Lock()
         provider_limits = {
             name: asyncio.Semaphore(limit) for name, limit in (per_provider or {}).items()
         }
         exhausted = asyncio.Event()
+        run = _Run(asyncio.get_running_loop())
+        idle_poll_s = min(IDLE_POLL_S, max(lease_s / 4, 0.05))
+
+        def stopping() -> bool:
+            return run.stopped or job_id in self._cancelled
+
+        def register(task: asyncio.Task[list[ClaimedItem]]) -> None:
+            """Take a finished claim's items into the run (once per claim)."""
+            if task not in claiming:
+                return
+            claiming.discard(task)
+            if not task.cancelled() and task.exception() is None:
+                # Even when the worker that waited for it was cancelled meanwhile: the
+                # claim committed, so the items are ours to finish or give back.
+                held.update(item.id for item in task.result())
+                local.extend(task.result())
+
+        async def claim() -> list[ClaimedItem]:
+            # Only when no claimed item is waiting, so this run holds at most
+            # 2 x concurrency items: bounded, and the rest stays for other workers.
+            task = asyncio.ensure_future(
+                self._write(
+                    lambda uow: JobRepository(uow.session).claim(
+                        job_id, worker, limit=concurrency, lease_s=lease_s
+                    )
+                )
+            )
+            claiming.add(task)
+            task.add_done_callback(register)
+            claimed = await asyncio.shield(task)
+            register(task)
+            return claimed
 
         async def next_item() -> ClaimedItem | None:
             async with claim_lock:
                 while not local:
-                    if job_id in self._cancelled or exhausted.is_set():
+                    if stopping() or exhausted.is_set():
                         return None
-                    claimed = await self._write(
-                        lambda uow: JobRepository(uow.session).claim(
-                            job_id, worker, limit=concurrency, lease_s=lease_s
-                        )
-                    )
-                    if claimed:
-                        held.update(item.id for item in claimed)
-                        local.extend(claimed)
+                    if await claim():
                         break
-                    # Nothing to take now. Items other workers hold may come back when
-                    # their leases run out (a dead worker); wait for that, else we are done.
+                    # Nothing to take now. Items others hold (or a dead worker left) come
+                    # back when their leases run out; look again until none are left.
                     waiting = await self._read(
                         lambda uow: JobRepository(uow.session).next_lease_expiry(
-                            job_id, exclude_worker=worker
+                            job_id, exclude_ids=list(held)
                         )
                     )
                     if waiting is None:
                         exhausted.set()
                         return None
-                    await asyncio.sleep(_seconds_until(waiting) + 0.05)
+                    await asyncio.sleep(min(_seconds_until(waiting) + 0.05, idle_poll_s))
+                if stopping():
+                    return None
                 return local.popleft()
 
         def finisher(item: ClaimedItem, won: list[bool]) -> Callable[[UnitOfWork, int, str], None]:
@@ -351,7 +456,7 @@ class BatchService:
             if on_progress:
                 on_progress(progress)
 
-        async def process(item: ClaimedItem) -> ItemOutcome:
+        async def process(item: ClaimedItem) -> ItemOutcome | None:
             won = [True]
             limit = provider_limits.get(item.provider)
             async with limit if limit is not None else contextlib.nullcontext():
@@ -394,9 +499,30 @@ class BatchService:
                         lambda uow: JobRepository(uow.session).fail_without_call(item.id)
                     )
                     outcome = ItemOutcome(item, None, error=exc)
+                except RecordingError as exc:
+                    if exc.call_id is not None:
+                        # The raw_calls row (and the item's outcome) landed; v1 did not.
+                        outcome = ItemOutcome(item, None, error=exc)
+                    elif item.claims < MAX_CLAIMS:
+                        # The call was made but could not be recorded even after retries:
+                        # give the item back so it is called (and recorded) again.
+                        log.warning("batch %s item %s: %s; retrying it", job_id, item.id, exc)
+                        await self._write(
+                            lambda uow: JobRepository(uow.session).release(worker, [item.id])
+                        )
+                        held.discard(item.id)
+                        exhausted.clear()
+                        return None
+                    else:
+                        await self._write(
+                            lambda uow: JobRepository(uow.session).fail_without_call(item.id)
+                        )
+                        outcome = ItemOutcome(item, None, error=exc)
                 finally:
                     progress.in_flight -= 1
-                    held.discard(item.id)
+            # Only now is the item off our hands; a cancelled call leaves it held, so the
+            # clean-up below gives it back (or cancels it).
+            held.discard(item.id)
             if outcome.status == "succeeded":
                 progress.succeeded += 1
             elif outcome.status == "cancelled":
@@ -408,19 +534,30 @@ class BatchService:
             return outcome
 
         async def work() -> None:
-            while (item := await next_item()) is not None:
-                await queue.put(await process(item))
+            try:
+                while (item := await next_item()) is not None:
+                    outcome = await process(item)
+                    if outcome is not None:
+                        await queue.put(outcome)
+            except asyncio.CancelledError:
+                if run.stopped:
+                    return  # cancel(): the call in flight was recorded as cancelled
+                raise
 
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(lease_s / 3)
-                if held:
-                    ids = list(held)
+                if not held:
+                    continue
+                ids = list(held)
+                try:
                     await self._write(
                         lambda uow, ids=ids: JobRepository(uow.session).renew(
                             worker, ids, lease_s=lease_s
                         )
                     )
+                except Exception as exc:  # keep beating: a missed renewal is not fatal
+                    log.warning("batch %s: could not renew leases (%s)", job_id, exc)
 
         async def supervise(workers: list[asyncio.Task[None]]) -> None:
             try:
@@ -428,9 +565,39 @@ class BatchService:
             finally:
                 await queue.put(None)
 
+        async def clean_up(
+            workers: list[asyncio.Task[None]],
+            beat: asyncio.Task[None],
+            supervisor: asyncio.Task[None],
+        ) -> None:
+            beat.cancel()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, beat, return_exceptions=True)
+            supervisor.cancel()  # it may be stuck handing the end marker to a gone consumer
+            unfinished = list(claiming)
+            await asyncio.gather(supervisor, *unfinished, return_exceptions=True)
+            for task in unfinished:
+                register(task)
+            leftovers = list(held)
+            cancelled = job_id in self._cancelled or run.stopped
+
+            def give_back(uow: UnitOfWork) -> None:
+                repo = JobRepository(uow.session)
+                repo.release(worker, leftovers)
+                if cancelled:
+                    repo.cancel_open(job_id)
+                elif repo.counts(job_id).open == 0:
+                    # Completed, unless someone cancelled it meanwhile (another process).
+                    repo.set_status(job_id, "completed", only_from=("running",))
+
+            await self._write(give_back)
+
         if on_progress:
             on_progress(progress)
+        self._runs.setdefault(job_id, set()).add(run)
         workers = [asyncio.create_task(work()) for _ in range(concurrency)]
+        run.tasks = workers
         beat = asyncio.create_task(heartbeat())
         supervisor = asyncio.create_task(supervise(workers))
         try:
@@ -438,18 +605,57 @@ class BatchService:
                 yield outcome
             await supervisor  # re-raise a worker's unexpected error
         finally:
-            beat.cancel()
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, beat, supervisor, return_exceptions=True)
-            leftovers = [item.id for item in local] + list(held)
-            if leftovers:
-                await self._write(lambda uow: JobRepository(uow.session).release(worker, leftovers))
-            final = await self.counts(job_id)
-            if final.open == 0 and job_id not in self._cancelled:
-                await self._write(
-                    lambda uow: JobRepository(uow.session).set_status(job_id, "completed")
-                )
+            self._runs.get(job_id, set()).discard(run)
+            await _shielded(clean_up(workers, beat, supervisor))
+
+
+class _Run:
+    """One `run_job` in this process, so `cancel()` can stop it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        for task in self.tasks:
+            with contextlib.suppress(RuntimeError):  # its event loop has closed meanwhile
+                self.loop.call_soon_threadsafe(task.cancel)
+
+
+async def _shielded(coro: Any) -> None:
+    """Run `coro` to the end even if the caller is cancelled meanwhile (then re-raise)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+def _new_group(
+    uow: UnitOfWork, group_type: str, name: str, *, description: str, metadata: dict[str, Any]
+) -> tuple[int, str]:
+    """Create a group named `name`, or `name (2)`, `name (3)`... if taken; (id, name)."""
+    dialect = uow.session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    for n in itertools.count(1):
+        candidate = name if n == 1 else f"{name} ({n})"
+        group_id = uow.session.execute(
+            insert(Group)
+            .values(
+                group_type=group_type,
+                name=candidate,
+                description=description,
+                metadata_json=metadata,
+            )
+            .on_conflict_do_nothing(index_elements=["group_type", "name"])
+            .returning(Group.id)
+        ).scalar()
+        if group_id is not None:
+            return int(group_id), candidate
+    raise AssertionError("unreachable")
 
 
 def _seconds_until(when: datetime) -> float:

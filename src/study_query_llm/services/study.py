@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 
 from ..db.connection import UnitOfWork
 from ..db.filters import CallFilters
+from ..db.models_v2 import RawCall
 from ..db.repositories.study import StudyQueries
 
 PREVIEW_CHARS = 160
@@ -98,6 +99,7 @@ class StudyService:
                 "latency_mean_ms": stats.latency_mean_ms,
                 "latency_p50_ms": stats.latency_p50_ms,
                 "latency_p90_ms": stats.latency_p90_ms,
+                "latency_p99_ms": stats.latency_p99_ms,
                 "providers": providers,
                 "models": models,
             }
@@ -154,28 +156,27 @@ class StudyService:
 
         def read(uow: UnitOfWork) -> CallsPage:
             page = uow.calls.query(filters, limit=limit, after=after)
-            rows = [
-                {
-                    "id": call.id,
-                    "created_at": call.created_at,
-                    "provider": call.provider,
-                    "model": call.model,
-                    "status": call.status,
-                    "latency_ms": call.latency_ms,
-                    "total_tokens": call.total_tokens,
-                    "cost_usd": call.cost_usd,
-                    "prompt": _preview(prompt_text(call.request_json)),
-                    "response": _preview(
-                        response_text(call.response_json)
-                        or str((call.error_json or {}).get("message", ""))
-                    ),
-                }
-                for call in page.rows
-            ]
+            rows = [_call_row(call) for call in page.rows]
             token = page.next_cursor.encode() if page.next_cursor else None
             return CallsPage(pd.DataFrame(rows, columns=_CALL_COLUMNS), token)
 
         return self._read(read)
+
+    def calls_table(
+        self, filters: CallFilters = CallFilters(), max_rows: int = 100_000
+    ) -> pd.DataFrame:
+        """Every matching call (newest first, at most `max_rows`) as `recent_calls` rows."""
+        frames, after, left = [], None, max_rows
+        while left > 0:
+            page = self.recent_calls(filters, limit=min(left, 5_000), after=after)
+            frames.append(page.frame)
+            left -= len(page.frame)
+            after = page.next_cursor
+            if after is None:
+                break
+        return (
+            pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_CALL_COLUMNS)
+        )
 
     def count(self, filters: CallFilters = CallFilters()) -> int:
         return self._read(lambda uow: uow.calls.count(filters))
@@ -219,91 +220,108 @@ class StudyService:
 
     # --- groups --------------------------------------------------------------------------
 
-    def groups(self, group_type: str | None = None) -> pd.DataFrame:
-        """Groups with member counts and statistics (failure rate, tokens, cost, latency)."""
-        rows = self._read(
-            lambda uow: [vars(g) for g in StudyQueries(uow.session).group_stats(group_type)]
-        )
-        frame = pd.DataFrame(
-            rows,
-            columns=[
-                "id",
-                "group_type",
-                "name",
-                "description",
-                "created_at",
-                "members",
-                "calls",
-                "failures",
-                "total_tokens",
-                "cost_usd",
-                "latency_mean_ms",
-            ],
-        )
-        frame["failure_rate"] = [
-            (f / c) if c else None for f, c in zip(frame["failures"], frame["calls"], strict=True)
-        ]
-        return frame
+    def groups(
+        self, group_type: str | None = None, filters: CallFilters | None = None
+    ) -> pd.DataFrame:
+        """Groups (newest first) with member counts and statistics of their calls.
 
-    def group_calls(self, group_id: int, limit: int = 500) -> pd.DataFrame:
-        """A group's calls in position order."""
+        `members` counts every member; `calls`, `failures`, `failure_rate`, tokens, cost
+        and latency cover the member calls that match `filters` (all when None). With
+        `filters.group_id` set, only that group is listed.
+        """
+        group_ids: tuple[int, ...] = ()
+        if filters is not None and filters.group_id is not None:
+            group_ids = (filters.group_id,)
+            filters = replace(filters, group_id=None)
+        rows = self._read(
+            lambda uow: [
+                vars(g)
+                for g in StudyQueries(uow.session).group_stats(group_type, group_ids, filters)
+            ]
+        )
+        return pd.DataFrame(rows, columns=_GROUP_COLUMNS)
+
+    def group_types(self) -> list[str]:
+        """The group types present in the record (for a type filter)."""
+        return self._read(lambda uow: StudyQueries(uow.session).group_types())
+
+    def group_size(self, group_id: int) -> int:
+        """How many calls the group has."""
+        return self._read(lambda uow: StudyQueries(uow.session).member_count(group_id))
+
+    def group_calls(self, group_id: int, limit: int = 500, offset: int = 0) -> pd.DataFrame:
+        """A group's calls in position order (`limit` rows from `offset`)."""
 
         def read(uow: UnitOfWork) -> list[dict[str, Any]]:
             return [
-                {
-                    "position": position,
-                    "role": role,
-                    "id": call.id,
-                    "provider": call.provider,
-                    "model": call.model,
-                    "status": call.status,
-                    "latency_ms": call.latency_ms,
-                    "total_tokens": call.total_tokens,
-                    "prompt": _preview(prompt_text(call.request_json)),
-                    "response": _preview(response_text(call.response_json)),
-                }
-                for position, role, call in StudyQueries(uow.session).group_calls(group_id, limit)
+                {"position": position, "role": role, **_call_row(call)}
+                for position, role, call in StudyQueries(uow.session).group_calls(
+                    group_id, limit, offset
+                )
             ]
 
-        return pd.DataFrame(
-            self._read(read),
-            columns=[
-                "position",
-                "role",
-                *_CALL_COLUMNS[:1],
-                *_CALL_COLUMNS[2:5],
-                "latency_ms",
-                "total_tokens",
-                "prompt",
-                "response",
-            ],
-        )
+        return pd.DataFrame(self._read(read), columns=["position", "role", *_CALL_COLUMNS])
 
-    def compare_groups(self, group_ids: Sequence[int]) -> pd.DataFrame:
-        """Side by side: one row per group with the same aggregates as `summary`."""
-        rows = []
-        names = {g["id"]: g["name"] for g in self.groups().to_dict("records")}
-        for group_id in group_ids:
-            stats = self.summary(CallFilters(group_id=group_id))
-            rows.append(
-                {"group_id": group_id, "group": names.get(group_id, str(group_id)), **stats}
-            )
-        return pd.DataFrame(rows)
+    def compare_groups(
+        self, group_ids: Sequence[int], filters: CallFilters = CallFilters()
+    ) -> pd.DataFrame:
+        """Side by side: one row per group (in the order given) with `summary`'s aggregates.
+
+        `filters` narrow each group's calls (its own `group_id` is replaced by the group's).
+        Unknown ids are left out.
+        """
+        ids = list(dict.fromkeys(int(g) for g in group_ids))
+
+        def read(uow: UnitOfWork) -> list[dict[str, Any]]:
+            known = {g.id: g for g in StudyQueries(uow.session).group_stats(group_ids=ids)}
+            return [
+                {"group_id": g, "group_type": known[g].group_type, "group": known[g].name}
+                for g in ids
+                if g in known
+            ]
+
+        rows = [
+            {**row, **self.summary(replace(filters, group_id=row["group_id"]))}
+            for row in self._read(read)
+        ]
+        return pd.DataFrame(rows, columns=["group_id", "group_type", "group", *_SUMMARY_KEYS])
 
     def batch_matrix(self, group_id: int) -> pd.DataFrame:
-        """Prompts × targets: the final answer of each (first sample), for a batch group."""
-        frame = self.group_calls(group_id, limit=100_000)
-        if frame.empty:
-            return frame
-        final = frame[frame["role"].isin(["final", None]) | frame["role"].isna()].copy()
-        final["target"] = final["provider"] + " / " + final["model"]
-        final["answer"] = [
-            r if s == "success" else f"({s})"
-            for r, s in zip(final["response"], final["status"], strict=True)
-        ]
-        return final.pivot_table(
-            index="prompt", columns="target", values="answer", aggfunc="first"
-        ).reset_index()
+        """Prompts × targets for a batch group: the final answer of each pair's first sample.
+
+        One row per distinct prompt (full text, in the order the batch sent them), one
+        column per "provider / model". Retried and superseded attempts are left out; a
+        failed final attempt shows as "(failed)" (or its other status).
+        """
+
+        def read(uow: UnitOfWork) -> list[tuple[str, str, str]]:
+            out = []
+            for _position, role, call in StudyQueries(uow.session).group_calls(
+                group_id, limit=1_000_000
+            ):
+                if role not in (None, "final"):
+                    continue
+                answer = (
+                    response_text(call.response_json)
+                    if call.status == "success"
+                    else f"({call.status})"
+                )
+                out.append(
+                    (prompt_text(call.request_json), f"{call.provider} / {call.model}", answer)
+                )
+            return out
+
+        rows = self._read(read)
+        if not rows:
+            return pd.DataFrame(columns=["prompt"])
+        frame = pd.DataFrame(rows, columns=["prompt", "target", "answer"])
+        first = frame.drop_duplicates(["prompt", "target"], keep="first")
+        matrix = first.pivot(index="prompt", columns="target", values="answer")
+        prompts = list(dict.fromkeys(frame["prompt"]))
+        targets = list(dict.fromkeys(frame["target"]))
+        matrix = matrix.reindex(index=prompts, columns=targets).reset_index()
+        matrix.columns.name = None
+        return matrix
 
     # --- embeddings ----------------------------------------------------------------------
 
@@ -353,6 +371,54 @@ class StudyService:
         return [(int(i), float(scores[i])) for i in order if not math.isnan(scores[i])]
 
 
+def _call_row(call: RawCall) -> dict[str, Any]:
+    """One table row for a call: its numbers and previews of prompt and answer (or error)."""
+    return {
+        "id": call.id,
+        "created_at": call.created_at,
+        "provider": call.provider,
+        "model": call.model,
+        "status": call.status,
+        "latency_ms": call.latency_ms,
+        "total_tokens": call.total_tokens,
+        "cost_usd": call.cost_usd,
+        "prompt": _preview(prompt_text(call.request_json)),
+        "response": _preview(
+            response_text(call.response_json) or str((call.error_json or {}).get("message", ""))
+        ),
+    }
+
+
+_SUMMARY_KEYS = [
+    "calls",
+    "successes",
+    "failures",
+    "failure_rate",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+    "latency_mean_ms",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "providers",
+    "models",
+]
+_GROUP_COLUMNS = [
+    "id",
+    "group_type",
+    "name",
+    "description",
+    "created_at",
+    "members",
+    "calls",
+    "failures",
+    "failure_rate",
+    "total_tokens",
+    "cost_usd",
+    "latency_mean_ms",
+]
 _CALL_COLUMNS = [
     "id",
     "created_at",

@@ -113,10 +113,15 @@ class JobRepository:
         stmt = select(BatchJob).order_by(BatchJob.id.desc()).limit(limit)
         return list(self.session.scalars(stmt))
 
-    def set_status(self, job_id: int, status: str) -> None:
-        self.session.execute(
-            update(BatchJob).where(BatchJob.id == job_id).values(status=status, updated_at=utcnow())
-        )
+    def set_status(
+        self, job_id: int, status: str, *, only_from: Iterable[str] | None = None
+    ) -> bool:
+        """Set the job's status (only when it is one of `only_from`, if given)."""
+        stmt = update(BatchJob).where(BatchJob.id == job_id)
+        if only_from is not None:
+            stmt = stmt.where(BatchJob.status.in_(list(only_from)))
+        result = self.session.execute(stmt.values(status=status, updated_at=utcnow()))
+        return (result.rowcount or 0) == 1
 
     def counts(self, job_id: int) -> JobCounts:
         rows = self.session.execute(
@@ -137,18 +142,23 @@ class JobRepository:
         claims.
         """
         now = now or utcnow()
-        claimable = (
-            select(BatchJobItem.id)
-            .where(
-                BatchJobItem.job_id == job_id,
-                (BatchJobItem.status == "pending")
-                | ((BatchJobItem.status == "claimed") & (BatchJobItem.lease_expires_at < now)),
+
+        def claimable(status: str, n: int) -> list[int]:
+            # One status per query, so both walk the (job_id, status, position) index: a
+            # single query with an OR walks every finished item first on SQLite, which
+            # makes each claim slower the further a large job has got.
+            stmt = select(BatchJobItem.id).where(
+                BatchJobItem.job_id == job_id, BatchJobItem.status == status
             )
-            .order_by(BatchJobItem.position)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        ids = list(self.session.scalars(claimable))
+            if status == "claimed":
+                stmt = stmt.where(BatchJobItem.lease_expires_at < now)
+            stmt = stmt.order_by(BatchJobItem.position).limit(n).with_for_update(skip_locked=True)
+            return list(self.session.scalars(stmt))
+
+        # Items whose lease ran out (their worker died) first, then pending ones.
+        ids = claimable("claimed", limit)
+        if len(ids) < limit:
+            ids += claimable("pending", limit - len(ids))
         if not ids:
             return []
         rows = self.session.execute(
@@ -207,12 +217,18 @@ class JobRepository:
         return result.rowcount or 0
 
     def finish(self, item_id: int, *, status: str, call_id: int) -> bool:
-        """Set an item's outcome, once: the first finisher wins, later ones get False."""
+        """Set an item's outcome, once: the first finisher wins, later ones get False.
+
+        An item cancelled before any call finished it (`call_id` still NULL) can still be
+        finished: a call that was already under way when the job was cancelled and then
+        succeeded is the item's answer, and reopening the job must not call it again.
+        """
         result = self.session.execute(
             update(BatchJobItem)
             .where(
                 BatchJobItem.id == item_id,
-                BatchJobItem.status.in_(("pending", "claimed")),
+                BatchJobItem.status.in_(("pending", "claimed"))
+                | ((BatchJobItem.status == "cancelled") & BatchJobItem.call_id.is_(None)),
             )
             .values(
                 status=status,
@@ -234,14 +250,24 @@ class JobRepository:
         return result.rowcount or 0
 
     def next_lease_expiry(
-        self, job_id: int, *, exclude_worker: str | None = None
+        self,
+        job_id: int,
+        *,
+        exclude_worker: str | None = None,
+        exclude_ids: Iterable[int] = (),
     ) -> datetime | None:
-        """When the earliest lease on this job's items runs out (other workers' only)."""
+        """When the earliest lease on this job's claimed items runs out; None if none are.
+
+        `exclude_ids`: items the caller is working on itself (so not worth waiting for).
+        """
         stmt = select(func.min(BatchJobItem.lease_expires_at)).where(
             BatchJobItem.job_id == job_id, BatchJobItem.status == "claimed"
         )
         if exclude_worker is not None:
             stmt = stmt.where(BatchJobItem.claimed_by != exclude_worker)
+        ids = list(exclude_ids)
+        if ids:
+            stmt = stmt.where(BatchJobItem.id.not_in(ids))
         return self.session.scalar(stmt)
 
     def fail_without_call(self, item_id: int) -> bool:

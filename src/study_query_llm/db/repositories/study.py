@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Integer, case, cast, distinct, func, select
+from sqlalchemy import Float, Integer, and_, case, cast, distinct, func, select
 from sqlalchemy.orm import Session
 
 from study_query_llm.db.filters import CallFilters
@@ -26,6 +26,7 @@ class GroupStats:
     members: int
     calls: int
     failures: int
+    failure_rate: float | None
     total_tokens: int
     cost_usd: float
     latency_mean_ms: float | None
@@ -92,10 +93,22 @@ class StudyQueries:
         return [tuple(row) for row in self.session.execute(stmt)]
 
     def group_stats(
-        self, group_type: str | None = None, group_ids: Sequence[int] = ()
+        self,
+        group_type: str | None = None,
+        group_ids: Sequence[int] = (),
+        filters: CallFilters | None = None,
     ) -> list[GroupStats]:
-        """Groups (newest first) with member counts and their calls' aggregates."""
-        failed = case((RawCall.status == "success", 0), else_=1)
+        """Groups (newest first) with member counts and the aggregates of their calls.
+
+        `members` counts every member; `calls` and the other aggregates count only the
+        member calls that match `filters` (all of them when None). A group without
+        matching calls has 0 calls, 0 failures and no failure rate or latency.
+        """
+        conditions = list(filters.conditions()) if filters is not None else []
+        member_call = and_(RawCall.id == GroupMember.call_id, *conditions)
+        failed = case((RawCall.id.is_(None), 0), (RawCall.status == "success", 0), else_=1)
+        calls = func.count(RawCall.id)
+        failures = func.coalesce(func.sum(cast(failed, Integer)), 0)
         stmt = (
             select(
                 Group.id,
@@ -104,15 +117,16 @@ class StudyQueries:
                 Group.description,
                 Group.created_at,
                 func.count(GroupMember.id),
-                func.count(RawCall.id),
-                func.coalesce(func.sum(cast(failed, Integer)), 0),
+                calls,
+                failures,
+                cast(failures, Float) / func.nullif(calls, 0),
                 func.coalesce(func.sum(RawCall.total_tokens), 0),
                 func.coalesce(func.sum(RawCall.cost_usd), 0.0),
-                func.avg(cast(RawCall.latency_ms, Float)),
+                cast(func.avg(cast(RawCall.latency_ms, Float)), Float),
             )
             .select_from(Group)
             .outerjoin(GroupMember, GroupMember.group_id == Group.id)
-            .outerjoin(RawCall, RawCall.id == GroupMember.call_id)
+            .outerjoin(RawCall, member_call)
             .group_by(Group.id)
             .order_by(Group.created_at.desc(), Group.id.desc())
         )
@@ -130,14 +144,28 @@ class StudyQueries:
                 members=int(row[5]),
                 calls=int(row[6]),
                 failures=int(row[7]),
-                total_tokens=int(row[8]),
-                cost_usd=float(row[9]),
-                latency_mean_ms=None if row[10] is None else float(row[10]),
+                failure_rate=None if row[8] is None else float(row[8]),
+                total_tokens=int(row[9]),
+                cost_usd=float(row[10]),
+                latency_mean_ms=None if row[11] is None else float(row[11]),
             )
             for row in self.session.execute(stmt)
         ]
 
-    def group_calls(self, group_id: int, limit: int = 500) -> list[tuple[Any, ...]]:
+    def group_types(self) -> list[str]:
+        """The group types present (for a type filter)."""
+        return list(
+            self.session.scalars(select(Group.group_type).distinct().order_by(Group.group_type))
+        )
+
+    def member_count(self, group_id: int) -> int:
+        """How many calls the group has."""
+        stmt = select(func.count(GroupMember.id)).where(GroupMember.group_id == group_id)
+        return int(self.session.scalar(stmt) or 0)
+
+    def group_calls(
+        self, group_id: int, limit: int = 500, offset: int = 0
+    ) -> list[tuple[Any, ...]]:
         """Member calls of a group in position order: (position, role, call)."""
         stmt = (
             select(GroupMember.position, GroupMember.role, RawCall)
@@ -145,6 +173,7 @@ class StudyQueries:
             .where(GroupMember.group_id == group_id)
             .order_by(GroupMember.position, GroupMember.id)
             .limit(limit)
+            .offset(offset)
         )
         return [tuple(row) for row in self.session.execute(stmt)]
 
