@@ -41,6 +41,21 @@ class Settings(BaseSettings):
         description='JSON: {"model": [input_usd_per_mtok, output_usd_per_mtok], ...}.',
     )
 
+    # --- provider groups, capabilities, model listings -----------------------------------
+    provider_groups_file: str | None = Field(
+        None, description="TOML/YAML/JSON file with [groups], [capabilities], [listing_rules]."
+    )
+    provider_groups: str | None = Field(
+        None, description='JSON: {"name": {"strategy": "failover", "targets": [...]}, ...}.'
+    )
+    capability_overrides: str | None = Field(
+        None, description='JSON: {"model regex": {"features": [...], "strengths": {...}}}.'
+    )
+    model_listing_rules: str | None = Field(
+        None, description='JSON: {"provider id": {"selector": "...", "fields": {...}}}.'
+    )
+    model_listing_ttl_s: float = Field(300.0, ge=0, description="Model listing cache (seconds).")
+
     # --- OpenAI --------------------------------------------------------------------------
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -91,6 +106,54 @@ class Settings(BaseSettings):
 
     # --- app -----------------------------------------------------------------------------
     log_level: str = "INFO"
+    log_format: str = Field("text", pattern="^(text|json)$", description="text or json lines.")
+    log_prompts: bool = Field(False, description="Put prompt and response text in log lines.")
+
+    # --- dashboard server ----------------------------------------------------------------
+    panel_address: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: all).")
+    panel_port: int = Field(5006, ge=1, le=65535, description="Port of the dashboard.")
+    panel_allow_websocket_origin: str | None = Field(
+        None, description="Comma-separated host[:port] browsers may connect from."
+    )
+    panel_num_procs: int = Field(1, ge=0, description="Server processes (0: one per CPU).")
+    panel_use_xheaders: bool = Field(False, description="Trust X-Forwarded-* from a proxy.")
+    upload_max_bytes: int = Field(5 * 1024 * 1024, gt=0, description="Largest prompts upload.")
+    upload_max_prompts: int = Field(50_000, gt=0, description="Most prompts in one batch.")
+
+    # --- sign-in (off unless AUTH_USERS or PANEL_OAUTH_PROVIDER is set) -----------------
+    auth_users: SecretStr | None = Field(None, description="user:pbkdf2 hash pairs.")
+    panel_cookie_secret: SecretStr | None = None
+    panel_oauth_provider: str | None = None
+    panel_oauth_key: str | None = None
+    panel_oauth_secret: SecretStr | None = None
+    panel_oauth_redirect_uri: str | None = None
+    panel_oauth_extra_params: str | None = None
+    panel_oauth_encryption: SecretStr | None = None
+
+    @field_validator(
+        "log_format",
+        "panel_allow_websocket_origin",
+        "auth_users",
+        "panel_cookie_secret",
+        "panel_oauth_provider",
+        "panel_oauth_key",
+        "panel_oauth_secret",
+        "panel_oauth_redirect_uri",
+        "panel_oauth_extra_params",
+        "panel_oauth_encryption",
+        mode="before",
+    )
+    @classmethod
+    def _blank_server_setting_is_none(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return "text" if info.field_name == "log_format" else None
+        return value.strip().lower() if info.field_name == "log_format" else value
+
+    def websocket_origins(self, port: int) -> list[str]:
+        """Hosts whose pages may open the dashboard's websocket (default: this machine)."""
+        if self.panel_allow_websocket_origin:
+            return [o.strip() for o in self.panel_allow_websocket_origin.split(",") if o.strip()]
+        return [f"localhost:{port}", f"127.0.0.1:{port}"]
 
     @field_validator(
         "openai_base_url",
@@ -104,6 +167,10 @@ class Settings(BaseSettings):
         "lmstudio_model",
         "ollama_model",
         "pricing_overrides",
+        "provider_groups_file",
+        "provider_groups",
+        "capability_overrides",
+        "model_listing_rules",
         mode="before",
     )
     @classmethod

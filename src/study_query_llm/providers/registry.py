@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import Settings, get_settings
 from .anthropic import AnthropicProvider
 from .base import BaseLLMProvider
 from .errors import MissingCredentialError, ProviderConfigurationError
+from .group import GROUP_PREFIX, GroupConfig, TargetConfig, build_group, group_name
 from .local_minilm import MODEL_ID as MINILM_MODEL
 from .local_minilm import LocalMiniLMProvider
 from .local_minilm import unavailable_reason as minilm_unavailable
@@ -17,6 +21,8 @@ from .mock import MockProvider
 from .openai_compatible import PRESETS, OpenAICompatibleProvider
 
 CAPABILITIES = ("chat", "stream", "embeddings", "json_mode")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,12 +186,130 @@ class UnknownProviderError(ProviderConfigurationError):
     kind = "unknown_provider"
 
 
-def get_spec(provider_id: str) -> ProviderSpec:
+# --- provider groups ("group:NAME") ----------------------------------------------------------
+
+
+def _env_value(name: str) -> str | None:
+    """A variable from the environment, else from `.env` (keys never live in group files)."""
+    value = os.environ.get(name)
+    if value is None and Path(".env").is_file():
+        from dotenv import dotenv_values
+
+        value = dotenv_values(".env").get(name)
+    return value or None
+
+
+def _target_key(target: TargetConfig) -> str | None:
+    """The target's own key, from the variable its `api_key_env` names."""
+    if not target.api_key_env:
+        return None
+    value = _env_value(target.api_key_env)
+    if not value:
+        raise MissingCredentialError(
+            f"target {target.key} needs its key: set {target.api_key_env}",
+            env_var=target.api_key_env,
+            provider=target.provider,
+        )
+    return value
+
+
+def _build_target(settings: Settings, target: TargetConfig) -> BaseLLMProvider:
+    overrides: dict[str, Any] = {"model": target.model}
+    if target.base_url:
+        overrides["base_url"] = target.base_url
+    if target.timeout_s:
+        overrides["timeout_s"] = target.timeout_s
+    key = _target_key(target)
+    if key:
+        overrides["api_key"] = key
+    return create(target.provider, settings, **overrides)
+
+
+def _group_spec(config: GroupConfig, settings: Settings) -> ProviderSpec:
+    target_specs = [SPECS.get(t.provider) for t in config.targets]
+    unknown = [t.provider for t, spec in zip(config.targets, target_specs, strict=True) if not spec]
+    if unknown:
+        raise UnknownProviderError(
+            f"group {config.name!r}: unknown provider {unknown[0]!r} in its targets; "
+            f"choose one of {', '.join(SPECS)}"
+        )
+    known = [spec for spec in target_specs if spec is not None]
+
+    def target_missing(target: TargetConfig, spec: ProviderSpec) -> list[str]:
+        overrides: dict[str, Any] = {"base_url": target.base_url}
+        if target.api_key_env:
+            overrides["api_key"] = _env_value(target.api_key_env)
+            if not overrides["api_key"]:
+                return [target.api_key_env]
+        return spec.missing(settings, overrides)
+
+    def unavailable() -> str | None:
+        missing = [target_missing(t, spec) for t, spec in zip(config.targets, known, strict=True)]
+        if any(not m for m in missing):
+            return None
+        needs = sorted({name for names in missing for name in names})
+        return f"set {' or '.join(needs)} for one of its targets"
+
+    def build(build_settings: Settings, overrides: dict[str, Any]) -> BaseLLMProvider:
+        from .config_file import load_providers_config
+        from .pricing import PricingTable
+
+        loaded = load_providers_config(build_settings)
+        extra = {k: overrides[k] for k in ("state", "clock", "sleep", "rng") if k in overrides}
+        return build_group(
+            config,
+            build_target=lambda target: _build_target(build_settings, target),
+            capabilities=loaded.capabilities,
+            pricing=PricingTable(build_settings.pricing_table_overrides()),
+            **extra,
+        )
+
+    caps = {"chat", "stream"}
+    if any("json_mode" in spec.capabilities for spec in known):
+        caps.add("json_mode")
+    return ProviderSpec(
+        id=config.provider_id,
+        label=f"Group {config.name} ({config.strategy}, {_plural(len(config.targets), 'target')})",
+        requirements=(),
+        model_field=None,
+        capabilities=frozenset(caps),
+        build=build,
+        is_mock=all(spec.is_mock for spec in known),
+        fixed_default_model="auto",
+        unavailable=unavailable,
+    )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def group_specs(settings: Settings | None = None) -> list[ProviderSpec]:
+    """A spec per configured provider group; a configuration error is raised as one line."""
+    from .config_file import load_providers_config
+
+    settings = settings or get_settings()
+    try:
+        groups = load_providers_config(settings).groups
+    except ValueError as exc:
+        raise ProviderConfigurationError(str(exc), env_var="PROVIDER_GROUPS_FILE") from None
+    return [_group_spec(config, settings) for config in groups.values()]
+
+
+def get_spec(provider_id: str, settings: Settings | None = None) -> ProviderSpec:
+    name = group_name(provider_id)
+    if name is not None:
+        specs = {spec.id: spec for spec in group_specs(settings)}
+        if provider_id not in specs:
+            known = ", ".join(specs) or "none (set PROVIDER_GROUPS or PROVIDER_GROUPS_FILE)"
+            raise UnknownProviderError(f"unknown provider group {name!r}; configured: {known}")
+        return specs[provider_id]
     try:
         return SPECS[provider_id]
     except KeyError:
         raise UnknownProviderError(
             f"unknown provider {provider_id!r}; choose one of {', '.join(SPECS)}"
+            f" (or {GROUP_PREFIX}NAME for a provider group)"
         ) from None
 
 
@@ -193,10 +317,11 @@ def create(provider_id: str, settings: Settings | None = None, **overrides: Any)
     """Build a provider. A missing key or endpoint raises an error naming the variable to set.
 
     Overrides (all optional): api_key, base_url, model, timeout_s, api_version, name,
-    http_client; for mock also latency_ms, failure_rate, permanent_failure_rate, seed.
+    http_client; for mock also latency_ms, failure_rate, permanent_failure_rate, seed;
+    for a provider group ("group:NAME") state, clock, sleep, rng.
     """
-    spec = get_spec(provider_id)
     settings = settings or get_settings()
+    spec = get_spec(provider_id, settings)
     missing = spec.missing(settings, overrides)
     if missing:
         needs = " and ".join(m if " " in m else f"set {m}" for m in missing)
@@ -212,7 +337,12 @@ def configured(settings: Settings | None = None) -> list[ProviderSpec]:
     """Providers whose required settings are present, plus `mock` (always, listed last)."""
     settings = settings or get_settings()
     real = [s for s in SPECS.values() if not s.is_mock and s.is_configured(settings)]
-    return [*real, SPECS["mock"]]
+    try:
+        groups = [s for s in group_specs(settings) if s.is_configured(settings)]
+    except ProviderConfigurationError as exc:
+        log.warning("provider groups are not available: %s", exc)
+        groups = []
+    return [*real, *groups, SPECS["mock"]]
 
 
 def supporting(capability: str, settings: Settings | None = None) -> list[ProviderSpec]:

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -751,6 +751,9 @@ class LoopbackServer:
         self._failure: _FailureRate | None = None
         self._occurrences: Counter[str] = Counter()
         self._connections: set[socket.socket] = set()
+        self._limit: tuple[int, float] | None = None
+        self._admitted: deque[float] = deque()
+        self._rate_limited = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -846,9 +849,49 @@ class LoopbackServer:
             self._failure = _FailureRate(transient, permanent, seed)
             self._occurrences.clear()
 
+    def set_request_limit(self, max_requests: int | None, window_s: float = 1.0) -> None:
+        """Answer 429 (with Retry-After) to completion/message/embedding calls beyond
+        `max_requests` within any sliding `window_s` seconds; None removes the limit.
+
+        Like a real API's requests-per-window limit; rejected calls do not use the budget.
+        `rate_limited` counts the 429s sent.
+        """
+        if max_requests is not None and (max_requests < 1 or window_s <= 0):
+            raise ValueError("max_requests must be >= 1 and window_s > 0")
+        with self._lock:
+            self._limit = None if max_requests is None else (max_requests, window_s)
+            self._admitted.clear()
+
+    @property
+    def rate_limited(self) -> int:
+        """How many 429s the request limit sent since start or the last reset."""
+        with self._lock:
+            return self._rate_limited
+
+    def _over_limit(self, style: Style) -> _Reply | None:
+        with self._lock:
+            if self._limit is None:
+                return None
+            max_requests, window_s = self._limit
+            now = time.monotonic()
+            while self._admitted and self._admitted[0] <= now - window_s:
+                self._admitted.popleft()
+            if len(self._admitted) < max_requests:
+                self._admitted.append(now)
+                return None
+            self._rate_limited += 1
+            retry_after = max(0.001, self._admitted[0] + window_s - now)
+        return _error_reply(
+            style, 429, f"Rate limit: {max_requests} requests per {window_s:g} s.",
+            retry_after=round(retry_after, 3),
+        )  # fmt: skip
+
     def reset(self) -> None:
         """Forget faults, failure rate, recorded requests and counters; release held requests."""
         with self._lock:
+            self._limit = None
+            self._admitted.clear()
+            self._rate_limited = 0
             self._script.clear()
             self._requests.clear()
             self._failure = None
@@ -987,6 +1030,10 @@ class LoopbackServer:
         assert route is not None  # admitted requests have a route
         if fault is not None and fault.kind in ("timeout", "reset"):
             return fault
+        if fault is None and route.generates:
+            limited = self._over_limit(route.style)
+            if limited is not None:
+                return limited
         interrupt.wait(
             fault.delay_s if fault is not None and fault.kind == "delay" else self.delay_s
         )

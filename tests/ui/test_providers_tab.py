@@ -1,0 +1,159 @@
+"""Providers tab: groups with breaker state, a health check, inferred capabilities, group editing.
+
+This module serves its own dashboard (no keys, mock at 20 ms) with a providers file that
+defines two groups: ``duo`` over two mock models, and ``edge`` whose first target is a
+loopback address nobody listens on, so its breaker opens when the health check probes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+from ui_helpers import open_tab, screenshot, text_of
+
+pytestmark = pytest.mark.ui
+
+GROUPS_YAML = """
+groups:
+  duo:
+    strategy: round_robin
+    targets: ["mock:mock-small", "mock:mock-large"]
+  edge:
+    strategy: failover
+    breaker: {{failures: 1, cooldown_s: 600}}
+    targets:
+      - {{provider: vllm, model: llama, name: dead, base_url: "{dead}"}}
+      - mock:mock-small
+"""
+_CLEAN_PREFIXES = (
+    "OPENAI_", "AZURE_OPENAI_", "HYPERBOLIC_", "OPENROUTER_", "ANTHROPIC_", "VLLM_",
+    "LMSTUDIO_", "OLLAMA_", "MOCK_", "PRICING_OVERRIDES", "DATABASE_URL", "PROVIDER_GROUPS",
+    "CAPABILITY_OVERRIDES", "MODEL_LISTING_",
+)  # fmt: skip
+
+
+@dataclass
+class Served:
+    url: str
+    log_path: Path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200 and json.loads(response.read()).get("ok", True)
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The dashboard with a providers file (overrides the shared seeded one here)."""
+    workdir = tmp_path_factory.mktemp("providers-tab")
+    groups = workdir / "providers.yaml"
+    groups.write_text(GROUPS_YAML.format(dead=f"http://127.0.0.1:{_free_port()}/v1"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEAN_PREFIXES)}
+    env.update(
+        DATABASE_URL=f"sqlite:///{workdir / 'providers.db'}",
+        PROVIDER_GROUPS_FILE=str(groups),
+        MOCK_LATENCY_MS="20",
+        PYTHONUNBUFFERED="1",
+    )
+    port = _free_port()
+    served = Served(f"http://127.0.0.1:{port}", workdir / "dashboard.log")
+    with served.log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "panel_app", "--port", str(port), "--address", "127.0.0.1"],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(served.url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the dashboard did not start:\n{served.log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield served
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+def test_groups_health_and_breaker_state_are_shown(page: Page) -> None:
+    open_tab(page, "Providers")
+    groups = page.locator(".sqllm-provider-groups")
+    expect(groups).to_contain_text("mock/mock-small")
+    expect(groups).to_contain_text("dead")
+    assert "2 group(s)" in text_of(page.locator(".sqllm-provider-groups-note"))
+    expect(page.locator(".sqllm-providers-table")).to_contain_text("group:edge")
+
+    page.locator(".sqllm-health-check button").click()
+    health = page.locator(".sqllm-health-table")
+    expect(health).to_contain_text("group:edge → dead")
+    expect(page.locator(".sqllm-health-note")).to_contain_text("reachable, 1 not")
+    health_text = text_of(health)
+    assert "group:duo → mock/mock-large" in health_text and "connection attempts" in health_text
+    # The probe opened the dead target's breaker; the groups table says since when and why.
+    expect(groups).to_contain_text("open")
+    groups_text = text_of(groups)
+    assert "cannot reach" in groups_text and "closed" in groups_text
+    screenshot(page, "providers-health")
+
+
+def test_listed_models_show_inferred_capabilities(page: Page) -> None:
+    open_tab(page, "Providers")
+    page.locator(".sqllm-providers-select select").select_option("mock")
+    page.locator(".sqllm-models-list button").click()
+    models = page.locator(".sqllm-models-table")
+    expect(models).to_contain_text("mock-embed")
+    expect(models).to_contain_text("embeddings")
+    expect(page.locator(".sqllm-models-note")).to_contain_text("inferred from the model ids")
+    page.locator(".sqllm-rule-test button").click()
+    expect(page.locator(".sqllm-rule-result")).to_contain_text("Rejected")
+    expect(page.locator(".sqllm-rule-result")).to_contain_text("no listing endpoint")
+
+
+def test_a_group_is_defined_in_the_dashboard_and_bad_ones_are_refused(page: Page) -> None:
+    open_tab(page, "Providers")
+    page.locator(".sqllm-group-name input").fill("trio")
+    page.locator(".sqllm-group-targets textarea").fill("mock:mock-small\nmock:mock-large")
+    page.locator(".sqllm-group-strategy select").select_option("weighted")
+    page.locator(".sqllm-group-save button").click()
+    expect(page.locator(".sqllm-group-message")).to_contain_text("Saved group trio")
+    expect(page.locator(".sqllm-provider-groups")).to_contain_text("trio")
+    expect(page.locator(".sqllm-provider-groups")).to_contain_text("weighted")
+
+    page.locator(".sqllm-group-name input").fill("<b>x</b>")
+    page.locator(".sqllm-group-targets textarea").fill("teleport:q")
+    page.locator(".sqllm-group-save button").click()
+    message = page.locator(".sqllm-group-message")
+    expect(message).to_contain_text("group '<b>x</b>'")  # shown as text, not markup
+    expect(message.locator("b")).to_have_count(0)
+
+    page.locator(".sqllm-group-name input").fill("trio")
+    page.locator(".sqllm-group-delete button").click()
+    expect(page.locator(".sqllm-group-message")).to_contain_text("Deleted group trio")
+    expect(page.locator(".sqllm-provider-groups")).not_to_contain_text("trio")
