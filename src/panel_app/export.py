@@ -6,7 +6,8 @@ download_buttons(partial(state.read, study.compare, filters), "compare")  # asyn
 ```
 `frame_fn` takes no arguments and returns a DataFrame, or an awaitable of one (use an
 async function for database work, so the server's event loop never waits on it).
-Encoding runs off the loop too. Failures become a notification, never a traceback.
+Encoding (`study_query_llm.export`: CSV with a BOM, Parquet keeping column types) runs
+off the loop too. Failures become a notification, never a traceback.
 
 CSS classes (for UI tests): `sqllm-export` on the row, `sqllm-export-csv` and
 `sqllm-export-parquet` on the buttons.
@@ -25,6 +26,8 @@ from datetime import UTC, datetime
 import pandas as pd
 import panel as pn
 
+from study_query_llm.export import csv_bytes, parquet_bytes
+
 from .safe import escape
 from .state import describe_error, notify
 
@@ -32,30 +35,7 @@ log = logging.getLogger(__name__)
 
 FrameFn = Callable[[], "pd.DataFrame | Awaitable[pd.DataFrame]"]
 FORMATS = ("csv", "parquet")
-
-
-def to_csv(frame: pd.DataFrame) -> io.BytesIO:
-    """The frame as UTF-8 CSV (with a BOM, so spreadsheet programs read accents right)."""
-    return io.BytesIO(frame.to_csv(index=False).encode("utf-8-sig"))
-
-
-def to_parquet(frame: pd.DataFrame) -> io.BytesIO:
-    """The frame as Parquet (pyarrow). Columns of mixed Python objects become text."""
-    frame = frame.copy()
-    for name in frame.columns:
-        if frame[name].dtype == object:
-            kinds = {type(v) for v in frame[name].dropna()}
-            if len(kinds) > 1 or kinds - {str, bytes}:
-                # dicts, lists, mixed types: keep them readable instead of failing
-                frame[name] = [None if v is None else str(v) for v in frame[name]]
-    frame.columns = [str(c) for c in frame.columns]
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False, engine="pyarrow")
-    buffer.seek(0)
-    return buffer
-
-
-_ENCODERS = {"csv": to_csv, "parquet": to_parquet}
+_ENCODERS = {"csv": csv_bytes, "parquet": parquet_bytes}
 
 
 def _safe_basename(basename: str) -> str:
@@ -103,7 +83,7 @@ def download_button(frame_fn: FrameFn, basename: str, fmt: str) -> FrameDownload
             return None
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         button.filename = f"{name}-{stamp}.{fmt}"
-        return await asyncio.to_thread(_ENCODERS[fmt], frame)
+        return io.BytesIO(await asyncio.to_thread(_ENCODERS[fmt], frame))
 
     button.callback = build
     return button

@@ -3,26 +3,36 @@
 One varied record is inserted per test (several providers and models, every status,
 missing latencies and tokens, calls spread over minutes, hours, days and weeks, a batch
 group with retries, labels and an empty group). Every frame the service returns is
-compared with the same numbers computed by pandas over the same rows.
+compared with the same numbers computed by pandas over the same rows; embedding maps and
+neighbours (responses embedded through EmbeddingService with the mock provider) are
+compared with scikit-learn's PCA and a numpy cosine ranking over the same vectors.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import Engine
+from sklearn.decomposition import PCA
+from sqlalchemy import Engine, event, select
 
+from study_query_llm.config import Settings
 from study_query_llm.db.connection import UnitOfWork, get_engine
 from study_query_llm.db.errors import GroupExistsError, InvalidSearchError
 from study_query_llm.db.filters import CallFilters
+from study_query_llm.db.models_v2 import RawCall
 from study_query_llm.db.records import NewCall
+from study_query_llm.db.repositories.study import StudyQueries
+from study_query_llm.providers import create
+from study_query_llm.services.embedding import EmbeddingService
 from study_query_llm.services.groups import GroupService, parse_ids
-from study_query_llm.services.study import StudyService
+from study_query_llm.services.study import StudyService, prompt_text
 
 T0 = datetime(2024, 3, 2, 22, 50, 7, 250_000, tzinfo=UTC)  # a Saturday evening
 TARGETS = [("openai", "gpt-a"), ("openai", "gpt-b"), ("anthropic", "claude-c"), ("mock", "m")]
@@ -454,3 +464,384 @@ def test_calls_table_is_every_matching_call(record: Record) -> None:
     got = record.study.calls_table(filters)
     assert sorted(got["id"]) == sorted(expected["id"]) and got["id"].is_unique
     assert len(record.study.calls_table(CallFilters(), max_rows=10)) == 10
+
+
+def test_group_calls_and_size_take_filters(record: Record) -> None:
+    ids = record.members[record.batch_id]
+    members = record.frame.set_index("id").loc[ids].reset_index()
+    members["position"] = [i // 2 for i in range(len(ids))]
+    for filters in (
+        CallFilters(providers=("openai",)),
+        CallFilters(status="success", models=("claude-c", "m")),
+        CallFilters(start=T0 + timedelta(hours=10)),
+        CallFilters(group_id=record.label_id),  # members of both groups
+        CallFilters(providers=("nobody",)),
+    ):
+        want = _select(members, filters, record.members)
+        got = record.study.group_calls(record.batch_id, filters=filters)
+        assert list(got["id"]) == list(want["id"]), filters
+        assert list(got["position"]) == list(want["position"])
+        assert record.study.group_size(record.batch_id, filters) == len(want)
+        page = record.study.group_calls(record.batch_id, 3, 2, filters)
+        assert list(page["id"]) == list(want["id"])[2:5]
+    assert record.study.group_size(record.batch_id) == len(ids)
+
+
+def test_batch_matrix_takes_filters(record: Record) -> None:
+    filters = CallFilters(status="success", providers=("openai", "mock"))
+    got = record.study.batch_matrix(record.batch_id, filters)
+    ids = record.members[record.batch_id]
+    frame = record.frame.set_index("id").loc[ids].reset_index()
+    final = frame[[i % 4 != 1 for i in range(len(frame))]]
+    final = _select(final, filters, record.members).assign(
+        target=lambda f: f["provider"] + " / " + f["model"]
+    )
+    first = final.drop_duplicates(["prompt", "target"])
+    assert list(got["prompt"]) == list(dict.fromkeys(final["prompt"]))
+    assert set(got.columns) == {"prompt", *first["target"]}
+    for row in first.to_dict("records"):
+        assert got.loc[got["prompt"] == row["prompt"], row["target"]].item() == row["response"]
+    empty = record.study.batch_matrix(record.batch_id, CallFilters(providers=("nobody",)))
+    assert list(empty.columns) == ["prompt"] and empty.empty
+
+
+def test_facets_take_filters(record: Record) -> None:
+    frame = record.frame
+    assert record.study.facets() == {
+        "providers": sorted(frame["provider"].unique()),
+        "models": sorted(frame["model"].unique()),
+    }
+    for filters in (
+        CallFilters(providers=("openai",)),
+        CallFilters(group_id=record.label_id, status="success"),
+        CallFilters(providers=("nobody",)),
+    ):
+        rows = _select(frame, filters, record.members)
+        assert record.study.facets(filters) == {
+            "providers": sorted(rows["provider"].unique()),
+            "models": sorted(rows["model"].unique()),
+        }, filters
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+EMBED_MODEL = "mock-embed"
+
+
+def _embedding_service(engine: Engine) -> EmbeddingService:
+    settings = Settings(_env_file=None)
+    return EmbeddingService(engine, providers=lambda _id: create("mock", settings, latency_ms=0))
+
+
+@dataclass
+class Embedded:
+    """The record with the responses of some calls embedded through EmbeddingService."""
+
+    record: Record
+    service: EmbeddingService
+    vectors: dict[str, list[float]]  # by embedded text
+    embedded_ids: list[int]  # the calls whose response was embedded
+    missing_ids: list[int]  # successful batch members left out
+
+
+@pytest.fixture
+async def embedded(record: Record) -> Embedded:
+    frame = record.frame
+    ok = frame[frame["status"] == "success"]
+    batch_ok = [i for i in record.members[record.batch_id] if i in set(ok["id"])]
+    missing = batch_ok[-3:]
+    chosen = ok[~ok["id"].isin(missing)]
+    service = _embedding_service(record.engine)
+    results = await service.embed(list(chosen["response"]), provider="mock", model=EMBED_MODEL)
+    vectors = {r.text: r.vector for r in results}
+    return Embedded(record, service, vectors, list(chosen["id"]), missing)
+
+
+def _pca(vectors: list[list[float]]) -> np.ndarray:
+    return PCA(n_components=2, random_state=0).fit_transform(np.asarray(vectors))
+
+
+def _cosine_ranking(
+    query: list[float], rows: pd.DataFrame, vectors: dict[str, list[float]]
+) -> list[tuple[int, float]]:
+    """(call id, cosine similarity) of every row, best first: what numpy says."""
+    matrix = np.asarray([vectors[t] for t in rows["response"]])
+    q = np.asarray(query)
+    scores = matrix @ q / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(q))
+    order = np.argsort(-scores, kind="stable")
+    return [(int(rows["id"].iloc[i]), float(scores[i])) for i in order]
+
+
+def test_embedding_map_is_pca_of_the_stored_vectors(embedded: Embedded) -> None:
+    record = embedded.record
+    study = record.study
+    got = study.embedding_map(CallFilters(), EMBED_MODEL, groups=[record.batch_id])
+    rows = record.frame[record.frame["id"].isin(embedded.embedded_ids)]
+    rows = rows[rows["id"].isin(record.members[record.batch_id])]
+    rows = rows.sort_values(["created_at", "id"], ascending=False)
+    assert list(got["call_id"]) == list(rows["id"])  # newest first
+    assert list(got["text"]) == list(rows["response"])
+    assert list(got["provider"]) == list(rows["provider"])
+    assert set(got["group"]) == {"batch one"} and set(got["status"]) == {"success"}
+    want = _pca([embedded.vectors[t] for t in got["text"]])
+    np.testing.assert_allclose(got[["x", "y"]].to_numpy(), want, atol=1e-9)
+    assert got.attrs["missing"] == 3 and got.attrs["truncated"] is False
+
+    # The three successful members never embedded are what is left to compute.
+    missing = study.missing_embeddings(CallFilters(), EMBED_MODEL, groups=[record.batch_id])
+    assert sorted(missing["call_id"]) == sorted(embedded.missing_ids)
+    texts = record.frame.set_index("id").loc[list(missing["call_id"]), "response"]
+    assert list(missing["text"]) == list(texts)
+    # Without groups: every matching call with a response (never the embedding calls).
+    everywhere = study.missing_embeddings(CallFilters(), EMBED_MODEL)
+    assert sorted(everywhere["call_id"]) == sorted(embedded.missing_ids)
+    assert study.missing_embeddings(CallFilters(), "another-model")["call_id"].nunique() == len(
+        record.frame[record.frame["status"] == "success"]
+    )
+
+    # `limit` keeps the newest calls with a response (embedded or not) and says so.
+    candidates = record.frame[
+        record.frame["id"].isin(record.members[record.batch_id])
+        & (record.frame["status"] == "success")
+    ].sort_values(["created_at", "id"], ascending=False)["id"]
+    newest = study.embedding_map(CallFilters(), EMBED_MODEL, groups=[record.batch_id], limit=8)
+    assert newest.attrs["truncated"] and newest.attrs["missing"] == 3
+    assert list(newest["call_id"]) == [i for i in candidates[:8] if i in embedded.embedded_ids]
+
+
+async def test_embedding_map_fills_in_after_the_missing_are_embedded(
+    embedded: Embedded,
+) -> None:
+    record = embedded.record
+    missing = record.study.missing_embeddings(CallFilters(), EMBED_MODEL, groups=[record.batch_id])
+    results = await embedded.service.embed(
+        list(missing["text"]), provider="mock", model=EMBED_MODEL
+    )
+    assert not any(r.cached for r in results)
+    assert record.study.missing_embeddings(
+        CallFilters(), EMBED_MODEL, groups=[record.batch_id]
+    ).empty
+    got = record.study.embedding_map(CallFilters(), EMBED_MODEL, groups=[record.batch_id])
+    assert set(embedded.missing_ids) <= set(got["call_id"]) and got.attrs["missing"] == 0
+    # A provider that did not embed these texts has no vectors for them.
+    other = record.study.embedding_map(
+        CallFilters(), EMBED_MODEL, groups=[record.batch_id], provider="openai"
+    )
+    assert other.empty and other.attrs["missing"] == len(got)
+
+
+def test_embedding_map_is_restricted_by_filters_and_groups(embedded: Embedded) -> None:
+    record = embedded.record
+    frame = record.frame[record.frame["id"].isin(embedded.embedded_ids)]
+    filters = CallFilters(providers=("openai",), start=T0 + timedelta(days=1))
+    got = record.study.embedding_map(filters, EMBED_MODEL)
+    want = _select(frame, filters, record.members)
+    assert sorted(got["call_id"]) == sorted(want["id"]) and set(got["provider"]) == {"openai"}
+    assert got["group"].isna().all()
+    np.testing.assert_allclose(
+        got[["x", "y"]].to_numpy(), _pca([embedded.vectors[t] for t in got["text"]]), atol=1e-9
+    )
+    # The filters' group names the rows.
+    label = record.study.embedding_map(CallFilters(group_id=record.label_id), EMBED_MODEL)
+    assert sorted(label["call_id"]) == sorted(
+        set(record.members[record.label_id]) & set(embedded.embedded_ids)
+    )
+    assert set(label["group"]) == {"interesting"}
+
+    # Two groups: one row per membership; a call in both is one point, projected once.
+    both = record.study.embedding_map(
+        CallFilters(), EMBED_MODEL, groups=[record.batch_id, record.label_id]
+    )
+    shared = set(record.members[record.batch_id]) & set(record.members[record.label_id])
+    shared &= set(embedded.embedded_ids)
+    assert shared and both.groupby("call_id").size().max() == 2
+    assert set(both.loc[both["call_id"].isin(shared), "group"]) == {"batch one", "interesting"}
+    once = both.drop_duplicates("call_id")
+    np.testing.assert_allclose(
+        once[["x", "y"]].to_numpy(),
+        _pca([embedded.vectors[t] for t in once["text"]]),
+        atol=1e-9,
+    )
+    assert (both.groupby("call_id")[["x", "y"]].nunique() == 1).all().all()
+
+
+async def test_embedding_map_of_prompts(record: Record) -> None:
+    ids = record.members[record.label_id]
+    prompts = list(record.frame.set_index("id").loc[ids, "prompt"])
+    results = await _embedding_service(record.engine).embed(
+        prompts, provider="mock", model=EMBED_MODEL
+    )
+    got = record.study.embedding_map(
+        CallFilters(), EMBED_MODEL, groups=[record.label_id], text="prompt"
+    )
+    assert sorted(got["call_id"]) == sorted(ids)  # failed calls have prompts too
+    by_text = {r.text: r.vector for r in results}
+    np.testing.assert_allclose(
+        got[["x", "y"]].to_numpy(), _pca([by_text[t] for t in got["text"]]), atol=1e-9
+    )
+    assert record.study.embedding_map(
+        CallFilters(), EMBED_MODEL, groups=[record.label_id]
+    ).empty  # their responses were not embedded
+
+
+def test_neighbours_match_a_numpy_cosine_ranking(embedded: Embedded) -> None:
+    record = embedded.record
+    rng = np.random.default_rng(7)
+    query = list(rng.normal(size=len(next(iter(embedded.vectors.values())))))
+    frame = record.frame[record.frame["id"].isin(embedded.embedded_ids)]
+    for filters, groups in (
+        (CallFilters(), ()),
+        (CallFilters(providers=("anthropic", "mock")), ()),
+        (CallFilters(end=T0 + timedelta(days=5)), (record.batch_id,)),
+        (CallFilters(group_id=record.label_id), ()),
+    ):
+        rows = _select(frame, filters, record.members)
+        if groups:
+            rows = rows[rows["id"].isin(record.members[groups[0]])]
+        want = _cosine_ranking(query, rows, embedded.vectors)[:7]
+        got = record.study.neighbours(filters, EMBED_MODEL, vector=query, k=7, groups=groups)
+        assert list(got["call_id"]) == [i for i, _ in want], filters
+        np.testing.assert_allclose(got["similarity"], [s for _, s in want], atol=1e-9)
+        assert list(got["rank"]) == list(range(1, len(want) + 1))
+        texts = record.frame.set_index("id").loc[list(got["call_id"]), "response"]
+        assert list(got["text"]) == list(texts)
+    nobody = record.study.neighbours(CallFilters(providers=("nobody",)), EMBED_MODEL, vector=query)
+    assert nobody.empty
+
+
+def test_neighbours_of_a_call_leave_the_call_out(embedded: Embedded) -> None:
+    record = embedded.record
+    frame = record.frame[record.frame["id"].isin(embedded.embedded_ids)]
+    call_id = embedded.embedded_ids[5]
+    own = embedded.vectors[frame.set_index("id").loc[call_id, "response"]]
+    want = _cosine_ranking(own, frame[frame["id"] != call_id], embedded.vectors)[:10]
+    got = record.study.neighbours(CallFilters(), EMBED_MODEL, call_id=call_id, k=10)
+    assert call_id not in set(got["call_id"]) and len(got) == 10
+    assert list(got["call_id"]) == [i for i, _ in want]
+    np.testing.assert_allclose(got["similarity"], [s for _, s in want], atol=1e-9)
+    # Filters restrict the candidates, not the call compared with.
+    openai = record.study.neighbours(
+        CallFilters(providers=("openai",)), EMBED_MODEL, call_id=call_id, k=200
+    )
+    rows = frame[(frame["provider"] == "openai") & (frame["id"] != call_id)]
+    assert list(openai["call_id"]) == [i for i, _ in _cosine_ranking(own, rows, embedded.vectors)]
+    # Groups name the hits.
+    grouped = record.study.neighbours(
+        CallFilters(), EMBED_MODEL, call_id=call_id, k=200, groups=[record.label_id]
+    )
+    assert set(grouped["group"]) == {"interesting"}
+    assert set(grouped["call_id"]) == set(record.members[record.label_id]) & set(
+        embedded.embedded_ids
+    ) - {call_id}
+
+
+def test_embedding_questions_are_answered_in_a_fixed_number_of_queries(
+    embedded: Embedded,
+) -> None:
+    record = embedded.record
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            statements.append(statement)
+
+    event.listen(record.engine, "before_cursor_execute", count)
+    try:
+        for groups in ([record.label_id], [record.batch_id, record.label_id], []):
+            statements.clear()
+            record.study.embedding_map(CallFilters(), EMBED_MODEL, groups=groups)
+            assert len(statements) == 1, groups
+            statements.clear()
+            record.study.missing_embeddings(CallFilters(), EMBED_MODEL, groups=groups)
+            assert len(statements) == 1, groups
+        record.study.neighbours(CallFilters(), EMBED_MODEL, vector=[1.0] * 8)  # warm-up
+        for groups in ([record.label_id], []):
+            statements.clear()
+            record.study.neighbours(
+                CallFilters(), EMBED_MODEL, call_id=embedded.embedded_ids[0], k=50, groups=groups
+            )
+            assert len(statements) == 3, groups  # the call's vector, candidates, details
+    finally:
+        event.remove(record.engine, "before_cursor_execute", count)
+
+
+def test_embedding_questions_refuse_bad_input(embedded: Embedded) -> None:
+    study = embedded.record.study
+    call_id = embedded.embedded_ids[0]
+    with pytest.raises(ValueError, match="either a vector or a call id"):
+        study.neighbours(CallFilters(), EMBED_MODEL)
+    with pytest.raises(ValueError, match="either a vector or a call id"):
+        study.neighbours(CallFilters(), EMBED_MODEL, vector=[1.0], call_id=call_id)
+    with pytest.raises(ValueError, match="all zeros"):
+        study.neighbours(CallFilters(), EMBED_MODEL, vector=[0.0] * 8)
+    with pytest.raises(ValueError, match="k must be"):
+        study.neighbours(CallFilters(), EMBED_MODEL, call_id=call_id, k=0)
+    with pytest.raises(LookupError, match=f"call {embedded.missing_ids[0]}"):
+        study.neighbours(CallFilters(), EMBED_MODEL, call_id=embedded.missing_ids[0])
+    with pytest.raises(ValueError, match="text must be"):
+        study.embedding_map(CallFilters(), EMBED_MODEL, text="answer")
+    with pytest.raises(ValueError, match="embedding model"):
+        study.missing_embeddings(CallFilters(), "  ")
+    with pytest.raises(ValueError, match="projection"):
+        study.embedding_map(CallFilters(), EMBED_MODEL, method="tsne")
+    # A vector of another length matches nothing.
+    assert study.neighbours(CallFilters(), EMBED_MODEL, vector=[1.0, 2.0]).empty
+
+
+def test_umap_is_optional(embedded: Embedded) -> None:
+    study = embedded.record.study
+    if importlib.util.find_spec("umap") is None:
+        with pytest.raises(ValueError, match="pip install umap-learn"):
+            study.embedding_map(CallFilters(), EMBED_MODEL, method="umap")
+    else:
+        got = study.embedding_map(CallFilters(), EMBED_MODEL, method="umap")
+        assert len(got) == len(embedded.embedded_ids) and got[["x", "y"]].notna().all().all()
+
+
+def test_call_text_in_sql_is_the_text_python_reads(db_url: str) -> None:
+    engine = get_engine(db_url)
+    requests: list[dict[str, Any]] = [
+        {"messages": [{"role": "user", "content": "only"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "an answer"},
+                {"role": "user", "content": "second ünïcode 'quote' \"dq\""},
+                {"role": "assistant", "content": "trailing"},
+            ]
+        },
+        {"messages": ["not an object", {"role": "user", "content": XSS}]},
+        {"prompt": "a completion prompt"},
+        {"input": "an input"},
+        {"messages": "not a list", "prompt": "the prompt"},
+        {"options": {}},
+    ]
+    responses: list[dict[str, Any] | None] = [{"text": "a"}, None, {"text": 5}, {"other": 1}]
+    calls = [
+        NewCall(
+            provider="p",
+            model="m",
+            request_json=request,
+            response_json=responses[i % len(responses)],
+        )
+        for i, request in enumerate(requests)
+    ]
+    with UnitOfWork(engine, write=True) as uow:
+        ids = uow.calls.add_many(calls)
+        uow.commit()
+    with UnitOfWork(engine) as uow:
+        queries = StudyQueries(uow.session)
+        for kind, python in (("prompt", prompt_text), ("response", None)):
+            got = dict(
+                uow.session.execute(
+                    select(RawCall.id, queries.call_text(kind)).where(RawCall.id.in_(ids))
+                ).all()
+            )
+            for call_id, call in zip(ids, calls, strict=True):
+                if python is not None:
+                    want = python(call.request_json)
+                else:
+                    text = (call.response_json or {}).get("text")
+                    want = text if isinstance(text, str) else ""
+                assert got[call_id] == want, (kind, call.request_json, call.response_json)

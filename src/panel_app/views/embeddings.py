@@ -1,12 +1,13 @@
 """Embeddings tab: the chosen groups' texts embedded, mapped to 2-D, and searched by similarity.
 
 A person picks one or more groups, an embedding provider and model, and whether to embed
-the calls' responses or prompts. "Compute" reads the groups' calls (narrowed by the sidebar
-filters), embeds their texts in chunks through `EmbeddingService` (texts embedded before
-come from its cache, free) with a progress bar, projects the vectors to 2-D
-(`StudyService.project`: PCA, or UMAP when installed) and draws a scatter coloured by
-provider/model or by group, with the escaped text in the hover. "Find similar" embeds a
-typed text with the same model and lists the nearest calls (`StudyService.nearest`).
+the calls' responses or prompts. "Compute" asks `StudyService.missing_embeddings` which of
+the groups' calls (narrowed by the sidebar filters) have no stored vector yet, embeds only
+those in chunks through `EmbeddingService` with a progress bar, then reads the map in one
+query (`StudyService.embedding_map`: stored vectors projected by PCA, or UMAP when
+installed) and draws a scatter coloured by provider/model or by group, with the escaped
+text in the hover. "Find similar" embeds a typed text with the same model and lists the
+nearest calls of the same groups (`StudyService.neighbours`).
 
 CSS hooks (stable, for UI tests):
 - ``sqllm-embed-group``: the group picker;
@@ -22,10 +23,12 @@ CSS hooks (stable, for UI tests):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
 import importlib.util
 import logging
-from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -38,7 +41,6 @@ from study_query_llm.providers import ProviderError
 from study_query_llm.providers.local_minilm import MODEL_ID as MINILM_MODEL
 from study_query_llm.providers.registry import ProviderSpec, supporting
 from study_query_llm.services.recorder import RecordingError
-from study_query_llm.services.study import StudyService
 
 from ..safe import escape
 from ..state import AppState, describe_error, notify
@@ -47,9 +49,8 @@ log = logging.getLogger(__name__)
 
 # Models to offer first for providers whose default model is a chat model (or none).
 EMBEDDING_MODELS = {"mock": "mock-embed", "local-minilm": MINILM_MODEL}
-MAX_CALLS = 2000  # calls read per Compute (all groups together)
-PAGE = 500  # calls listed per database round trip
-CHUNK = 50  # calls read and embedded per step of the progress bar
+MAX_CALLS = 2000  # calls on one map (all groups together), newest first
+CHUNK = 50  # texts embedded per step of the progress bar
 PREVIEW_CHARS = 200
 USER_ERRORS = (ProviderError, ValueError, LookupError, RecordingError, SQLAlchemyError)
 COLOUR_CHOICES = ["provider / model", "group"]
@@ -79,52 +80,25 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def member_ids(
-    study: StudyService,
-    filters: CallFilters,
-    group_ids: Sequence[int],
-    limit: int = MAX_CALLS,
-) -> tuple[list[tuple[int, int]], bool]:
-    """(group id, call id) of the groups' calls matching `filters`, newest first per group,
-    at most `limit` in all; and whether some were left out. Blocking: run off the loop."""
-    found: list[tuple[int, int]] = []
-    for group_id in group_ids:
-        after = None
-        while True:
-            page = study.recent_calls(replace(filters, group_id=group_id), limit=PAGE, after=after)
-            for call_id in page.frame["id"]:
-                if len(found) >= limit:
-                    return found, True
-                found.append((group_id, int(call_id)))
-            after = page.next_cursor
-            if after is None:
-                break
-    return found, False
+@dataclass(frozen=True)
+class MapQuery:
+    """What a computed map shows: the same arguments find its similar calls."""
+
+    filters: CallFilters
+    groups: tuple[int, ...]
+    provider: str
+    model: str
+    text: str  # "response" or "prompt"
+
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments for `StudyService.embedding_map` / `neighbours`."""
+        return {"groups": self.groups, "text": self.text, "provider": self.provider}
 
 
-def call_texts(
-    study: StudyService, members: Sequence[tuple[int, int]], which: str
-) -> list[dict[str, Any]]:
-    """The full prompt or response text of each member call (chat calls with non-empty text
-    only), with its provider and model. Blocking: run off the loop."""
-    rows = []
-    for group_id, call_id in members:
-        record = study.call(call_id)
-        if record is None or record.get("modality") == "embedding":
-            continue
-        text = str(record.get(which) or "")
-        if not text.strip():
-            continue
-        rows.append(
-            {
-                "group_id": group_id,
-                "call_id": call_id,
-                "provider": record["provider"],
-                "model": record["model"],
-                "text": text,
-            }
-        )
-    return rows
+def _warm_up_projection() -> None:
+    """Import scikit-learn's PCA ahead of the first map (a slow first import)."""
+    with contextlib.suppress(ImportError):  # the map reports it when it is drawn
+        importlib.import_module("sklearn.decomposition")
 
 
 class EmbeddingsView(pn.viewable.Viewer):
@@ -135,8 +109,9 @@ class EmbeddingsView(pn.viewable.Viewer):
     points = param.DataFrame(
         default=None,
         allow_None=True,
-        doc="The computed map: one row per embedded call (group, call, provider, model, "
-        "text, x, y). None until Compute has run.",
+        doc="The computed map (`StudyService.embedding_map`): one row per embedded call "
+        "and group (call_id, x, y, group, provider, model, text...). None until Compute "
+        "has run.",
     )
     colour_by = param.Selector(
         default=COLOUR_CHOICES[0],
@@ -152,10 +127,10 @@ class EmbeddingsView(pn.viewable.Viewer):
         super().__init__(**params)
         settings = self.state.services.settings
         self._specs = {spec.id: spec for spec in supporting("embeddings", settings)}
-        self._vectors: list[list[float]] = []
-        self._embedded_with: tuple[str, str] | None = None
-        self._group_names: dict[int, str] = {}
+        self._query: MapQuery | None = None  # what the current map shows
+        self._extra: dict[int, list[float]] = {}  # vectors computed for the current map
         self._loaded = False
+        self._warm_up: asyncio.Future[None] | None = None
         self._own_version: int | None = None  # a version bump this view made itself
         self._new_calls = 0  # embedding calls recorded by the Compute under way
 
@@ -207,13 +182,13 @@ class EmbeddingsView(pn.viewable.Viewer):
         self._colour = pn.widgets.RadioButtonGroup.from_param(
             self.param.colour_by, name="Colour by", button_type="primary", button_style="outline"
         )
-        self._query = pn.widgets.TextInput(
+        self._query_input = pn.widgets.TextInput(
             name="Find similar",
             placeholder="type a text and press Enter",
             css_classes=["sqllm-similar-input"],
             sizing_mode="stretch_width",
         )
-        self._query.param.watch(self._on_find, "enter_pressed")
+        self._query_input.param.watch(self._on_find, "enter_pressed")
         self._k = pn.widgets.IntInput(name="Neighbours", value=10, start=1, end=100, width=100)
         self._find = pn.widgets.Button(name="Find similar", width=140)
         self._find.on_click(self._on_find)
@@ -233,7 +208,6 @@ class EmbeddingsView(pn.viewable.Viewer):
         except USER_ERRORS as exc:
             notify(f"Could not read the groups: {describe_error(exc)}", "error")
             return
-        self._group_names = {int(row.id): str(row.name) for row in frame.itertuples()}
         # Labels are escaped: the picker renders option labels as HTML.
         options = {
             escape(f"{row.group_type}: {row.name} ({row.members})"): int(row.id)
@@ -322,71 +296,86 @@ class EmbeddingsView(pn.viewable.Viewer):
         self, group_ids: list[int], provider: str, model: str, which: str
     ) -> None:
         study = self.state.study
-        filters = self.state.filters()
-        members, truncated = await self.state.read(member_ids, study, filters, group_ids)
-        total = len(members)
-        if total == 0:
-            self._show_progress(100, "No calls in the chosen groups match the filters.")
-            notify("No calls in the chosen groups match the filters.", "warning")
-            return
-        rows: list[dict[str, Any]] = []
-        vectors: list[list[float]] = []
-        cached = fresh = 0
-        for start in range(0, total, CHUNK):
-            chunk = members[start : start + CHUNK]
-            found = await self.state.read(call_texts, study, chunk, which)
-            if found:
-                results = await self.state.services.embeddings.embed(
-                    [r["text"] for r in found], provider=provider, model=model
-                )
-                for row, result in zip(found, results, strict=True):
-                    rows.append(row)
-                    vectors.append(result.vector)
-                    cached += int(result.cached)
-                    fresh += int(not result.cached)
-                self._new_calls = fresh
-            done = min(start + CHUNK, total)
-            # Embedding takes the bar to 95%; it reaches 100 when the map is drawn.
-            self._show_progress(
-                round(95 * done / total),
-                f"Embedded {len(rows)} texts from {done} of {total} calls "
-                f"({cached} from cache, {fresh} new)…",
+        # The chosen groups take the place of the sidebar's group.
+        query = MapQuery(
+            replace(self.state.filters(), group_id=None), tuple(group_ids), provider, model, which
+        )
+        missing = await self.state.read(
+            study.missing_embeddings,
+            query.filters,
+            model,
+            limit=MAX_CALLS,
+            **query.arguments(),
+        )
+        todo = [(int(c), str(t)) for c, t in zip(missing["call_id"], missing["text"], strict=True)]
+        todo = [(call_id, text) for call_id, text in todo if text.strip()]
+        extra: dict[int, list[float]] = {}
+        fresh = 0
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start : start + CHUNK]
+            results = await self.state.services.embeddings.embed(
+                [text for _, text in chunk], provider=provider, model=model
             )
-        if not rows:
-            self._show_progress(100, f"None of the {total} calls has a {which} to embed.")
-            notify(f"None of the chosen calls has a {which} to embed.", "warning")
+            for (call_id, _), result in zip(chunk, results, strict=True):
+                extra[call_id] = result.vector
+                fresh += int(not result.cached)
+            self._new_calls = fresh
+            done = start + len(chunk)
+            # Embedding takes the bar to 90%; it reaches 100 when the map is drawn.
+            self._show_progress(
+                round(90 * done / len(todo)),
+                f"Embedded {done} of {len(todo)} {which}s without a stored vector ({fresh} new)…",
+            )
+        self._show_progress(95, "Drawing the map…")
+        frame = await self.state.read(
+            study.embedding_map,
+            query.filters,
+            model,
+            self._method.value.lower(),
+            limit=MAX_CALLS,
+            vectors=extra,
+            **query.arguments(),
+        )
+        if frame.empty:
+            message = f"No calls with a {which} in the chosen groups match the filters."
+            self._show_progress(100, escape(message))
+            notify(message, "warning")
             return
-        coords = await self.state.read(StudyService.project, vectors, self._method.value.lower())
-        frame = pd.DataFrame(rows)
-        frame["x"] = [x for x, _ in coords]
-        frame["y"] = [y for _, y in coords]
-        frame["group"] = [self._group_names.get(g, f"group {g}") for g in frame["group_id"]]
-        self._vectors = vectors
-        self._embedded_with = (provider, model)
+        calls = frame["call_id"].nunique()
+        cached = max(calls - fresh, 0)
+        self._query, self._extra = query, extra
         if len(group_ids) > 1:
             self.colour_by = "group"
         self.stale = False
         self.points = frame
-        note = f" (the first {MAX_CALLS} calls)" if truncated else ""
+        notes = ""
+        if frame.attrs.get("truncated"):
+            notes += f" (the newest {MAX_CALLS} calls)"
+        left_out = int(frame.attrs.get("missing", 0))
         self._show_progress(
             100,
-            f"Embedded {len(rows)} {which}s with {escape(provider_label(provider))} / "
-            f"{escape(model)}{note}: {cached} from cache, {fresh} new.",
+            f"Embedded {calls} {which}s with {escape(provider_label(provider))} / "
+            f"{escape(model)}{notes}: {cached} from cache, {fresh} new."
+            + (f" {left_out} calls without a usable {which} are left out." if left_out else ""),
         )
 
     async def _on_method(self, _event=None) -> None:
-        if self.points is None or not self._vectors:
+        query = self._query
+        if self.points is None or query is None:
             return
         try:
-            coords = await self.state.read(
-                StudyService.project, self._vectors, self._method.value.lower()
+            frame = await self.state.read(
+                self.state.study.embedding_map,
+                query.filters,
+                query.model,
+                self._method.value.lower(),
+                limit=MAX_CALLS,
+                vectors=self._extra,
+                **query.arguments(),
             )
         except USER_ERRORS as exc:
             notify(describe_error(exc), "error")
             return
-        frame = self.points.copy()
-        frame["x"] = [x for x, _ in coords]
-        frame["y"] = [y for _, y in coords]
         self.points = frame
 
     # --- the map -----------------------------------------------------------------------
@@ -461,24 +450,29 @@ class EmbeddingsView(pn.viewable.Viewer):
     # --- find similar ------------------------------------------------------------------
 
     async def _on_find(self, _event=None) -> None:
-        text = (self._query.value_input or self._query.value or "").strip()
+        text = (self._query_input.value_input or self._query_input.value or "").strip()
         if not text:
             notify("Type a text to find similar calls.", "warning")
             return
         if self.busy:
             notify("Wait for Compute to finish, then search again.", "warning")
             return
-        if self.points is None or self._embedded_with is None:
-            notify("Compute the map first: similar calls are searched among its texts.", "warning")
+        query = self._query
+        if self.points is None or query is None:
+            notify("Compute the map first: similar calls are searched in its groups.", "warning")
             return
-        provider, model = self._embedded_with
         self._find.loading = True
         try:
             result = await self.state.services.embeddings.embed(
-                [text], provider=provider, model=model
+                [text], provider=query.provider, model=query.model
             )
             hits = await self.state.read(
-                StudyService.nearest, result[0].vector, self._vectors, int(self._k.value)
+                self.state.study.neighbours,
+                query.filters,
+                query.model,
+                vector=result[0].vector,
+                k=int(self._k.value),
+                **query.arguments(),
             )
         except USER_ERRORS as exc:
             notify(describe_error(exc), "error")
@@ -493,21 +487,20 @@ class EmbeddingsView(pn.viewable.Viewer):
         if not result[0].cached:
             self._recorded()
 
-    def _results_html(self, text: str, hits: list[tuple[int, float]]) -> str:
-        points = self.points
-        if points is None or not hits:
+    @staticmethod
+    def _results_html(text: str, hits: pd.DataFrame) -> str:
+        if hits.empty:
             return "<p>No similar calls.</p>"
         rows = []
-        for rank, (index, score) in enumerate(hits, start=1):
-            row = points.iloc[index]
+        for row in hits.itertuples():
             rows.append(
                 "<tr>"
-                f'<td class="num">{rank}</td>'
-                f'<td class="num">{score:.3f}</td>'
-                f'<td class="num">{int(row["call_id"])}</td>'
-                f"<td>{escape(row['group'])}</td>"
-                f"<td>{escape(provider_label(row['provider']))} / {escape(row['model'])}</td>"
-                f'<td class="text">{escape(preview(row["text"], 400))}</td>'
+                f'<td class="num">{int(row.rank)}</td>'
+                f'<td class="num">{float(row.similarity):.3f}</td>'
+                f'<td class="num">{int(row.call_id)}</td>'
+                f"<td>{escape(row.group or '')}</td>"
+                f"<td>{escape(provider_label(row.provider))} / {escape(row.model)}</td>"
+                f'<td class="text">{escape(preview(row.text, 400))}</td>'
                 "</tr>"
             )
         return (
@@ -524,6 +517,7 @@ class EmbeddingsView(pn.viewable.Viewer):
         """First render of the tab: read the groups, then show the layout."""
         if not self._loaded:
             self._loaded = True
+            self._warm_up = asyncio.ensure_future(asyncio.to_thread(_warm_up_projection))
             await self._load_groups()
         return self._layout()
 
@@ -537,7 +531,7 @@ class EmbeddingsView(pn.viewable.Viewer):
             self._status,
             self._map(),
             pn.pane.Markdown("### Find similar"),
-            pn.Row(self._query, self._k, self._find, sizing_mode="stretch_width"),
+            pn.Row(self._query_input, self._k, self._find, sizing_mode="stretch_width"),
             self._results,
             sizing_mode="stretch_width",
         )

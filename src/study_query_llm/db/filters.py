@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy.orm import aliased
 
 from study_query_llm.db.column_types import as_utc
 from study_query_llm.db.models_v1 import InferenceRun
@@ -62,11 +63,13 @@ class CallFilters:
         if self.status is not None:
             conds.append(RawCall.status == self.status)
         if self.group_id is not None:
+            # An alias, so that the test stays whole in queries that join group_members.
+            member = aliased(GroupMember)
             conds.append(
                 exists(
-                    select(GroupMember.id).where(
-                        GroupMember.group_id == self.group_id,
-                        GroupMember.call_id == RawCall.id,
+                    select(member.id).where(
+                        member.group_id == self.group_id,
+                        member.call_id == RawCall.id,
                     )
                 )
             )

@@ -8,8 +8,9 @@ database work): a UI runs them off its event loop.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,9 +20,11 @@ from sqlalchemy import Engine
 from ..db.connection import UnitOfWork
 from ..db.filters import CallFilters
 from ..db.models_v2 import RawCall
-from ..db.repositories.study import StudyQueries
+from ..db.repositories.study import TEXT_KINDS, StudyQueries
 
 PREVIEW_CHARS = 160
+MAP_LIMIT = 5000  # calls on one embedding map, newest first
+PROJECTIONS = ("pca", "umap")
 STAT_COLUMNS = [
     "count",
     "successes",
@@ -74,6 +77,7 @@ class StudyService:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._pgvector: bool | None = None  # does embedding_vectors have a pgvector column?
 
     def _read(self, fn: Callable[[UnitOfWork], Any]) -> Any:
         with UnitOfWork(self.engine) as uow:
@@ -106,9 +110,10 @@ class StudyService:
 
         return self._read(read)
 
-    def facets(self) -> dict[str, list[str]]:
-        """Providers and models present in the record, for filter widgets."""
-        return self._read(lambda uow: StudyQueries(uow.session).facets())
+    def facets(self, filters: CallFilters = CallFilters()) -> dict[str, list[str]]:
+        """Providers and models of the matching calls (all calls by default), for filter
+        widgets."""
+        return self._read(lambda uow: StudyQueries(uow.session).facets(filters))
 
     def compare(self, filters: CallFilters = CallFilters()) -> pd.DataFrame:
         """One row per (provider, model): counts, failure rate, latency percentiles, cost."""
@@ -245,18 +250,25 @@ class StudyService:
         """The group types present in the record (for a type filter)."""
         return self._read(lambda uow: StudyQueries(uow.session).group_types())
 
-    def group_size(self, group_id: int) -> int:
-        """How many calls the group has."""
-        return self._read(lambda uow: StudyQueries(uow.session).member_count(group_id))
+    def group_size(self, group_id: int, filters: CallFilters = CallFilters()) -> int:
+        """How many of the group's calls match `filters` (all of them by default)."""
+        return self._read(lambda uow: StudyQueries(uow.session).member_count(group_id, filters))
 
-    def group_calls(self, group_id: int, limit: int = 500, offset: int = 0) -> pd.DataFrame:
-        """A group's calls in position order (`limit` rows from `offset`)."""
+    def group_calls(
+        self,
+        group_id: int,
+        limit: int = 500,
+        offset: int = 0,
+        filters: CallFilters = CallFilters(),
+    ) -> pd.DataFrame:
+        """The group's calls that match `filters`, in position order (`limit` rows from
+        `offset`)."""
 
         def read(uow: UnitOfWork) -> list[dict[str, Any]]:
             return [
                 {"position": position, "role": role, **_call_row(call)}
                 for position, role, call in StudyQueries(uow.session).group_calls(
-                    group_id, limit, offset
+                    group_id, limit, offset, filters
                 )
             ]
 
@@ -286,18 +298,19 @@ class StudyService:
         ]
         return pd.DataFrame(rows, columns=["group_id", "group_type", "group", *_SUMMARY_KEYS])
 
-    def batch_matrix(self, group_id: int) -> pd.DataFrame:
+    def batch_matrix(self, group_id: int, filters: CallFilters = CallFilters()) -> pd.DataFrame:
         """Prompts × targets for a batch group: the final answer of each pair's first sample.
 
         One row per distinct prompt (full text, in the order the batch sent them), one
         column per "provider / model". Retried and superseded attempts are left out; a
-        failed final attempt shows as "(failed)" (or its other status).
+        failed final attempt shows as "(failed)" (or its other status). Only calls that
+        match `filters` take part.
         """
 
         def read(uow: UnitOfWork) -> list[tuple[str, str, str]]:
             out = []
             for _position, role, call in StudyQueries(uow.session).group_calls(
-                group_id, limit=1_000_000
+                group_id, limit=1_000_000, filters=filters
             ):
                 if role not in (None, "final"):
                     continue
@@ -325,6 +338,182 @@ class StudyService:
 
     # --- embeddings ----------------------------------------------------------------------
 
+    def embedding_map(
+        self,
+        filters: CallFilters,
+        model: str,
+        method: str = "pca",
+        *,
+        groups: Sequence[int] = (),
+        text: str = "response",
+        provider: str | None = None,
+        limit: int | None = MAP_LIMIT,
+        vectors: Mapping[int, Sequence[float]] | None = None,
+    ) -> pd.DataFrame:
+        """The matching calls' stored `model` vectors projected to 2-D (`method` "pca" or
+        "umap"), read in one query.
+
+        The calls are the newest `limit` matching chat/completion calls whose `text`
+        ("response" or "prompt") is not empty, and, with `groups` (else with
+        `filters.group_id`), members of those groups: one row per group a call belongs
+        to. A call's vector is the stored vector of its text (EmbeddingService stores one
+        per distinct text; the newest wins, and only `provider`'s when given); `vectors`
+        supplies vectors for calls that have none stored. Columns: call_id, x, y,
+        group_id, group, provider, model, status, created_at, text, preview.
+        `frame.attrs["missing"]` counts the calls left out for want of a vector and
+        `frame.attrs["truncated"]` says whether `limit` cut the list.
+        """
+        _check_method(method)
+        kind = _check_text(text)
+        model = _check_model(model)
+        group_ids = _group_ids(groups, filters)
+        fetch = None if limit is None else limit + 1
+        rows = self._read(
+            lambda uow: StudyQueries(uow.session).embedding_rows(
+                filters, model, group_ids=group_ids, kind=kind, provider=provider, limit=fetch
+            )
+        )
+        truncated = limit is not None and len(rows) > limit
+        rows = rows[:limit] if limit is not None else rows
+        extra = vectors or {}
+        kept, missing = [], set()
+        for row in rows:
+            vector = row.vector if row.vector is not None else extra.get(row.call_id)
+            if vector is None:
+                missing.add(row.call_id)
+            else:
+                kept.append((row, [float(x) for x in vector]))
+        first: dict[int, list[float]] = {}
+        for row, vector in kept:
+            first.setdefault(row.call_id, vector)
+        lengths = sorted({len(v) for v in first.values()})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"the {model} vectors of these calls have different lengths "
+                f"({', '.join(map(str, lengths))}): embed them again with one setting"
+            )
+        coords = dict(zip(first, self.project(list(first.values()), method), strict=True))
+        frame = pd.DataFrame(
+            [
+                {
+                    "call_id": row.call_id,
+                    "x": coords[row.call_id][0],
+                    "y": coords[row.call_id][1],
+                    "group_id": row.group_id,
+                    "group": row.group,
+                    "provider": row.provider,
+                    "model": row.model,
+                    "status": row.status,
+                    "created_at": row.created_at,
+                    "text": row.text,
+                    "preview": _preview(row.text),
+                }
+                for row, _vector in kept
+            ],
+            columns=_MAP_COLUMNS,
+        )
+        frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
+        frame["group_id"] = frame["group_id"].astype("Int64")
+        frame.attrs.update(missing=len(missing), truncated=truncated, method=method)
+        return frame
+
+    def missing_embeddings(
+        self,
+        filters: CallFilters,
+        model: str,
+        *,
+        groups: Sequence[int] = (),
+        text: str = "response",
+        provider: str | None = None,
+        limit: int | None = MAP_LIMIT,
+    ) -> pd.DataFrame:
+        """The calls `embedding_map` would show (same arguments) whose text has no stored
+        `model` vector yet: call_id and the text to embed, newest first, each call once.
+        One query."""
+        kind = _check_text(text)
+        model = _check_model(model)
+        group_ids = _group_ids(groups, filters)
+        rows = self._read(
+            lambda uow: StudyQueries(uow.session).texts_without_vector(
+                filters, model, group_ids=group_ids, kind=kind, provider=provider, limit=limit
+            )
+        )
+        return pd.DataFrame(rows, columns=["call_id", "text"])
+
+    def neighbours(
+        self,
+        filters: CallFilters,
+        model: str,
+        *,
+        vector: Sequence[float] | None = None,
+        call_id: int | None = None,
+        k: int = 10,
+        groups: Sequence[int] = (),
+        text: str = "response",
+        provider: str | None = None,
+    ) -> pd.DataFrame:
+        """The `k` matching calls whose stored `model` vectors are nearest (cosine) to
+        `vector`, or to the stored vector of call `call_id` (never its own neighbour).
+
+        Candidates are the calls `embedding_map` would use, without its limit. On
+        PostgreSQL with pgvector the database orders them; elsewhere one query fetches
+        ids and vectors and numpy ranks them. Columns: rank, call_id, similarity, group
+        (the chosen groups it is in), provider, model, status, created_at, text, preview.
+        """
+        if (vector is None) == (call_id is None):
+            raise ValueError("give either a vector or a call id to find neighbours of")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        kind = _check_text(text)
+        model = _check_model(model)
+        group_ids = _group_ids(groups, filters)
+
+        def read(uow: UnitOfWork) -> list[dict[str, Any]]:
+            queries = StudyQueries(uow.session)
+            query = vector
+            if call_id is not None:
+                query = queries.vector_of_call(call_id, model, kind=kind, provider=provider)
+                if query is None:
+                    raise LookupError(f"call {call_id} has no stored {model} embedding")
+            query = _check_vector(query)
+            where = {
+                "group_ids": group_ids,
+                "kind": kind,
+                "provider": provider,
+                "exclude": call_id,
+            }
+            if self._has_pgvector(queries):
+                hits = queries.nearest_pgvector(filters, model, query, k, **where)
+            else:
+                candidates = queries.candidate_vectors(filters, model, len(query), **where)
+                ranked = self.nearest(query, [v for _, v in candidates], k)
+                hits = [(candidates[i][0], score) for i, score in ranked]
+            details = queries.call_texts([i for i, _ in hits], kind=kind, group_ids=group_ids)
+            return [
+                {
+                    "rank": rank,
+                    "call_id": hit,
+                    "similarity": score,
+                    "group": ", ".join(details[hit].groups) or None,
+                    "provider": details[hit].provider,
+                    "model": details[hit].model,
+                    "status": details[hit].status,
+                    "created_at": details[hit].created_at,
+                    "text": details[hit].text,
+                    "preview": _preview(details[hit].text),
+                }
+                for rank, (hit, score) in enumerate(hits, start=1)
+            ]
+
+        frame = pd.DataFrame(self._read(read), columns=_NEIGHBOUR_COLUMNS)
+        frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
+        return frame
+
+    def _has_pgvector(self, queries: StudyQueries) -> bool:
+        if self._pgvector is None:
+            self._pgvector = queries.has_pgvector()
+        return self._pgvector
+
     @staticmethod
     def project(
         vectors: Sequence[Sequence[float]], method: str = "pca"
@@ -332,19 +521,19 @@ class StudyService:
         """2-D coordinates for vectors (PCA via scikit-learn; UMAP when installed and asked)."""
         import numpy as np
 
+        _check_method(method)
         data = np.asarray(vectors, dtype=float)
         if len(data) == 0:
             return []
         if len(data) == 1:
             return [(0.0, 0.0)]
         if method == "umap":
-            try:
-                import umap  # type: ignore[import-not-found]
-            except ImportError as exc:
-                raise ValueError(
-                    "UMAP is not installed; use PCA or pip install umap-learn"
-                ) from exc
-            coords = umap.UMAP(n_components=2, random_state=0).fit_transform(data)
+            import umap  # type: ignore[import-not-found]
+
+            neighbours = max(2, min(15, len(data) - 1))
+            coords = umap.UMAP(
+                n_components=2, n_neighbors=neighbours, random_state=0
+            ).fit_transform(data)
         else:
             from sklearn.decomposition import PCA
 
@@ -358,17 +547,57 @@ class StudyService:
     def nearest(
         query: Sequence[float], candidates: Sequence[Sequence[float]], k: int = 10
     ) -> list[tuple[int, float]]:
-        """Indices of the `k` candidates most similar to `query` (cosine), best first."""
+        """Indices of the `k` candidates most similar to `query` (cosine), best first
+        (ties in candidate order). Zero vectors have no similarity and are left out."""
         import numpy as np
 
         if not len(candidates):
             return []
         matrix = np.asarray(candidates, dtype=float)
         q = np.asarray(query, dtype=float)
-        norms = np.linalg.norm(matrix, axis=1) * (np.linalg.norm(q) or 1.0)
-        scores = matrix @ q / np.where(norms == 0, 1.0, norms)
-        order = np.argsort(-scores)[:k]
-        return [(int(i), float(scores[i])) for i in order if not math.isnan(scores[i])]
+        norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = np.where(norms == 0, np.nan, matrix @ q / norms)
+        order = [i for i in np.argsort(-scores, kind="stable") if not math.isnan(scores[i])]
+        return [(int(i), float(scores[i])) for i in order[:k]]
+
+
+def _check_method(method: str) -> None:
+    if method not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {method!r}")
+    if method == "umap" and importlib.util.find_spec("umap") is None:
+        raise ValueError("UMAP needs the umap-learn package (pip install umap-learn); use PCA")
+
+
+def _check_text(text: str) -> str:
+    if text not in TEXT_KINDS:
+        raise ValueError(f"text must be one of {TEXT_KINDS}, got {text!r}")
+    return text
+
+
+def _check_model(model: str) -> str:
+    model = (model or "").strip()
+    if not model:
+        raise ValueError("choose an embedding model")
+    return model
+
+
+def _check_vector(vector: Sequence[float]) -> list[float]:
+    values = [float(x) for x in vector]
+    if not values:
+        raise ValueError("the vector to compare with is empty")
+    if not all(math.isfinite(x) for x in values):
+        raise ValueError("the vector to compare with contains NaN or infinity")
+    if not any(values):
+        raise ValueError("the vector to compare with is all zeros")
+    return values
+
+
+def _group_ids(groups: Sequence[int], filters: CallFilters) -> tuple[int, ...]:
+    """The groups whose members to show: those asked for, else the filters' group."""
+    if groups:
+        return tuple(dict.fromkeys(int(g) for g in groups))
+    return () if filters.group_id is None else (filters.group_id,)
 
 
 def _call_row(call: RawCall) -> dict[str, Any]:
@@ -430,4 +659,29 @@ _CALL_COLUMNS = [
     "cost_usd",
     "prompt",
     "response",
+]
+_MAP_COLUMNS = [
+    "call_id",
+    "x",
+    "y",
+    "group_id",
+    "group",
+    "provider",
+    "model",
+    "status",
+    "created_at",
+    "text",
+    "preview",
+]
+_NEIGHBOUR_COLUMNS = [
+    "rank",
+    "call_id",
+    "similarity",
+    "group",
+    "provider",
+    "model",
+    "status",
+    "created_at",
+    "text",
+    "preview",
 ]
