@@ -14,7 +14,7 @@ from study_query_llm.services.context import build_services
 from study_query_llm.services.study import StudyService
 
 from .safe import escape
-from .state import STATUSES, AppState, describe_error
+from .state import STATUSES, AppState, describe_error, notify
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +66,34 @@ def _choices(values: list[str]) -> dict[str, str]:
     return {escape(value): value for value in values}
 
 
-def _group_choices(groups) -> dict[str, int | None]:
-    # A Select shows labels as plain text (no escaping needed, unlike MultiChoice).
-    return {"(all)": None} | {
+ALL_GROUPS = 0  # the Group filter's "(all)" choice; group ids start at 1
+
+
+def _group_choices(groups) -> dict[str, int]:
+    # A Select shows labels as plain text (no escaping needed, unlike MultiChoice). Its
+    # "(all)" value is 0, not None: a Select shows a None value as a blank box.
+    return {"(all)": ALL_GROUPS} | {
         f"{row.group_type}: {row.name}": int(row.id) for row in groups.itertuples()
     }
 
 
 def _sidebar(state: AppState) -> pn.Column:
-    facets = state.study.facets()
-    groups = state.study.groups()
-    group_options = _group_choices(groups)
+    """The global filters. Their choices load off the event loop once the page is open."""
     dates = pn.widgets.DatetimeRangeInput(name="Time range (UTC)", value=(None, None), width=260)
     providers = pn.widgets.MultiChoice(
-        name="Providers", options=_choices(facets["providers"]), placeholder="all", width=260
+        name="Providers", options={}, placeholder="all", width=260, css_classes=["sqllm-f-prov"]
     )
     models = pn.widgets.MultiChoice(
-        name="Models", options=_choices(facets["models"]), placeholder="all", width=260
+        name="Models", options={}, placeholder="all", width=260, css_classes=["sqllm-f-models"]
     )
     status = pn.widgets.Select(name="Status", options=STATUSES, width=260)
-    group = pn.widgets.Select(name="Group", options=group_options, width=260)
+    group = pn.widgets.Select(
+        name="Group",
+        options={"(all)": ALL_GROUPS},
+        value=ALL_GROUPS,
+        width=260,
+        css_classes=["sqllm-f-group"],
+    )
     refresh = pn.widgets.Button(name="Refresh choices", width=260)
 
     def apply_dates(event) -> None:
@@ -95,21 +103,34 @@ def _sidebar(state: AppState) -> pn.Column:
             end=end if isinstance(end, datetime) else None,
         )
 
+    def apply_group(event) -> None:
+        state.group_id = event.new or None
+
     dates.param.watch(apply_dates, "value")
     providers.link(state, value="providers")
     models.link(state, value="models")
     status.link(state, value="status")
-    group.link(state, value="group_id")
+    group.param.watch(apply_group, "value")
 
     async def reload(_event=None) -> None:
-        new_facets = await state.read(state.study.facets)
-        new_groups = await state.read(state.study.groups)
+        try:
+            new_facets = await state.read(state.study.facets)
+            new_groups = await state.read(state.study.groups)
+        except Exception as exc:  # the filters stay usable with the choices they have
+            log.warning("could not load filter choices: %s", exc)
+            notify(f"Could not load filter choices: {describe_error(exc)}", "error")
+            return
         providers.options = _choices(new_facets["providers"])
         models.options = _choices(new_facets["models"])
+        chosen = group.value
         group.options = _group_choices(new_groups)
+        if chosen not in group.options.values():
+            group.value = ALL_GROUPS
 
     refresh.on_click(reload)
     state.param.watch(lambda _e: pn.state.execute(reload), "version")
+    if pn.state.curdoc is not None:
+        pn.state.onload(reload)
     return pn.Column(
         pn.pane.Markdown("### Filters\nApplied to every tab."),
         dates,

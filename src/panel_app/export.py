@@ -28,7 +28,6 @@ import panel as pn
 
 from study_query_llm.export import csv_bytes, parquet_bytes
 
-from .safe import escape
 from .state import describe_error, notify
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class FrameDownload(pn.widgets.FileDownload):
             fileobj = await self.callback()
         except Exception as exc:  # shown to the person as one line, logged in full
             log.warning("export failed: %s", exc, exc_info=True)
-            notify(escape(f"Export failed: {describe_error(exc)}"), "error")
+            notify(f"Export failed: {describe_error(exc)}", "error")  # notify escapes
             return
         if fileobj is None:
             return

@@ -11,6 +11,10 @@ import html
 
 from study_query_llm.db.search import HIGHLIGHT_END, HIGHLIGHT_START
 
+# Longest prompt, system prompt or template a text box accepts. Panel's default (5,000
+# characters) would silently cut longer prompts; providers reject what is too long for them.
+TEXT_MAX_CHARS = 2_000_000
+
 
 def escape(text: object) -> str:
     """HTML-escape any value for an HTML or Markdown pane (quotes included)."""

@@ -12,7 +12,7 @@ CSS classes (stable hooks for UI tests):
 - `sqllm-bucket`, `sqllm-by`, `sqllm-latency-kind`  chart option widgets
 - `sqllm-refresh`          re-query now (ignores the cache)
 - `sqllm-compare-charts`, `sqllm-compare-table`     provider/model comparison
-- `sqllm-timeseries`       the time-series charts
+- `sqllm-timeseries`       the time-series charts (`sqllm-series-note`: bucket and split)
 - `sqllm-latency`          the latency distribution chart
 - `sqllm-recent-calls`     the recent-calls table (one keyset page at a time)
 - `sqllm-recent-prev`, `sqllm-recent-next`, `sqllm-recent-page`  paging controls
@@ -99,8 +99,8 @@ def md_text(text: object) -> str:
 
 
 def notify_text(text: str, level: str = "info") -> None:
-    """A toast with plain text: notifications render HTML, so the text is escaped."""
-    notify(escape(text), level)
+    """A toast with plain text (`notify` escapes it: notifications render HTML)."""
+    notify(text, level)
 
 
 def escaped(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
@@ -117,14 +117,15 @@ def display_times(frame: pd.DataFrame, columns: Iterable[str] = ("created_at",))
     frame = frame.copy()
     for name in columns:
         if name in frame.columns:
-            # object dtype even when empty, so a table never types the column as numbers
+            # A string dtype even when empty, so a table never types the column as numbers
+            # (Tabulator shows no rows at all for an object column of timestamp text).
             frame[name] = pd.Series(
                 [
                     "" if pd.isna(v) else pd.Timestamp(v).strftime("%Y-%m-%d %H:%M:%S")
                     for v in frame[name]
                 ],
                 index=frame.index,
-                dtype=object,
+                dtype="string",
             )
     return frame
 
@@ -146,6 +147,29 @@ def percent_formatter() -> NumberFormatter:
     return NumberFormatter(format="0.0%", nan_format="–", null_format="–", text_align="right")
 
 
+# Tab titles of the comparison and time-series charts, in the order they are built.
+COMPARE_CHARTS = ("Calls", "Failure rate", "Latency", "Cost", "Tokens")
+SERIES_CHARTS = ("Calls", "Failure rate", "Tokens", "Cost", "Latency p50")
+
+
+def _chart_pane() -> pn.pane.HoloViews:
+    return pn.pane.HoloViews(None, sizing_mode="stretch_width", height=CHART_HEIGHT + 20)
+
+
+COMPARE_TITLES = {
+    "count": "calls",
+    "failure_rate": "failed",
+    "prompt_tokens_sum": "tokens in",
+    "completion_tokens_sum": "tokens out",
+    "total_tokens_sum": "tokens",
+    "prompt_tokens_mean": "mean in",
+    "completion_tokens_mean": "mean out",
+    "latency_mean_ms": "mean ms",
+    "latency_p50_ms": "p50 ms",
+    "latency_p90_ms": "p90 ms",
+    "latency_p99_ms": "p99 ms",
+    "cost_usd_sum": "cost (USD)",
+}
 CALL_TITLES = {"total_tokens": "tokens", "latency_ms": "latency (ms)", "cost_usd": "cost (USD)"}
 CALL_WIDTHS = {
     "id": 60,
@@ -298,6 +322,7 @@ class AnalyticsView(pn.viewable.Viewer):
         self._cursors: list[str | None] = [None]  # cursor of page i (page 0: newest)
         self._next_cursor: str | None = None
         self._page = pd.DataFrame()
+        self._series = pd.DataFrame()
         self._sections: list[pn.viewable.Viewable] = []
         self._drawn: dict[str, tuple[Any, ...]] = {}  # what each section shows now
 
@@ -305,8 +330,14 @@ class AnalyticsView(pn.viewable.Viewer):
             "Loading…", alert_type="light", css_classes=["sqllm-analytics-status"]
         )
         self._cards = pn.FlexBox(css_classes=["sqllm-summary"], sizing_mode="stretch_width")
-        self._compare_charts = pn.GridBox(
-            ncols=1, sizing_mode="stretch_width", css_classes=["sqllm-compare-charts"]
+        # Charts sit in tabs that render when first shown: building a chart is the slow
+        # part of a refresh, so only the charts in view are built.
+        self._compare_panes = {title: _chart_pane() for title in COMPARE_CHARTS}
+        self._compare_charts = pn.Tabs(
+            *self._compare_panes.items(),
+            dynamic=True,
+            sizing_mode="stretch_width",
+            css_classes=["sqllm-compare-charts"],
         )
         self._compare_table = pn.widgets.Tabulator(
             pd.DataFrame(),
@@ -314,10 +345,17 @@ class AnalyticsView(pn.viewable.Viewer):
             show_index=False,
             sizing_mode="stretch_width",
             height=220,
+            formatters={"failure_rate": percent_formatter()},
+            titles=COMPARE_TITLES,
             css_classes=["sqllm-compare-table"],
         )
-        self._timeseries = pn.GridBox(
-            ncols=2, sizing_mode="stretch_width", css_classes=["sqllm-timeseries"]
+        self._series_note = pn.pane.Markdown("", css_classes=["sqllm-series-note"])
+        self._series_panes = {title: _chart_pane() for title in SERIES_CHARTS}
+        self._timeseries = pn.Tabs(
+            *self._series_panes.items(),
+            dynamic=True,
+            sizing_mode="stretch_width",
+            css_classes=["sqllm-timeseries"],
         )
         self._latency = pn.pane.HoloViews(
             None,
@@ -432,12 +470,16 @@ class AnalyticsView(pn.viewable.Viewer):
         self._status.visible = False
         for section in self._sections:
             section.visible = True
-        # Redraw only what changed: a cache hit returns the very same object.
+        # Redraw only what changed: a cache hit returns the very same object. Numbers and
+        # the calls table first (cheap); the page gets them before the charts are built.
         self._draw("summary", self._show_summary, summary)
+        self._show_page(*page)
+        await asyncio.sleep(0)
+        if generation != self._generation:
+            return
         self._draw("compare", self._show_compare, compare)
         self._draw("series", self._show_series, series, self.by)
         self._draw("latency", self._show_latency, samples, self.latency_kind)
-        self._show_page(*page)
 
     def _draw(self, name: str, show: Callable[[Any], None], data: Any, *options: Any) -> None:
         last = self._drawn.get(name)
@@ -558,10 +600,8 @@ class AnalyticsView(pn.viewable.Viewer):
                 **opts,
             ),
         ]
-        self._compare_charts.objects = [
-            pn.pane.HoloViews(chart, sizing_mode="stretch_width", height=single + 10)
-            for chart in charts
-        ]
+        for pane, chart in zip(self._compare_panes.values(), charts, strict=True):
+            pane.param.update(object=chart, height=single + 10)
         table = compare.drop(columns=["target"]).copy()
         table["failure_rate"] = table["failure_rate"].astype(float).round(4)
         for name in table.columns:
@@ -570,11 +610,15 @@ class AnalyticsView(pn.viewable.Viewer):
         self._compare_table.value = table
 
     def _show_series(self, series: pd.DataFrame) -> None:
+        self._series = series
         by = self.by
         data = escaped(series, [by])
         data["bucket"] = data["bucket"].dt.tz_convert("UTC").dt.tz_localize(None)
         data["failure %"] = data["failure_rate"].astype(float) * 100
         label = {"minute": "minute", "hour": "hour", "day": "day", "week": "week"}[self.bucket]
+        self._series_note.object = (
+            f"One point per {label} (UTC), one line per {by}; hover a line for its values."
+        )
 
         # Lines carry the hover; points are added only where a series is too short to
         # show as a line (drawing both for long series doubles the rendering cost).
@@ -604,10 +648,8 @@ class AnalyticsView(pn.viewable.Viewer):
             chart("cost_usd_sum", "Cost over time (USD)", "USD", ["count"]),
             chart("latency_p50_ms", "Latency p50 over time (ms)", "ms", ["count"]),
         ]
-        self._timeseries.objects = [
-            pn.pane.HoloViews(c, sizing_mode="stretch_width", height=CHART_HEIGHT + 20)
-            for c in charts
-        ]
+        for pane, series_chart in zip(self._series_panes.values(), charts, strict=True):
+            pane.object = series_chart
 
     def _show_latency(self, samples: pd.DataFrame) -> None:
         n = self.samples_per_model
@@ -721,7 +763,11 @@ class AnalyticsView(pn.viewable.Viewer):
             sizing_mode="stretch_width",
         )
         series = pn.Column(
-            pn.pane.Markdown("### Over time"), self._timeseries, sizing_mode="stretch_width"
+            pn.pane.Markdown("### Over time"),
+            self._series_note,
+            self._timeseries,
+            download_buttons(lambda: self._series, "time-series"),
+            sizing_mode="stretch_width",
         )
         latency = pn.Column(
             pn.pane.Markdown("### Latency distribution"),

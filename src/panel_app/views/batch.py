@@ -2,7 +2,7 @@
 
 Stable CSS classes (hooks for UI tests):
 - ``sqllm-batch-prompts``      text area, one prompt per line
-- ``sqllm-batch-file``         file upload (.txt, .csv, .jsonl; at most 5 MB / 50,000 prompts)
+- ``sqllm-batch-file``         file upload (.txt, .csv, .jsonl; UPLOAD_MAX_BYTES / _PROMPTS)
 - ``sqllm-batch-source``       which prompts will be used (pasted or the uploaded file)
 - ``sqllm-batch-targets``      "provider:model" targets (several at once)
 - ``sqllm-batch-add-target``   free-text "provider:model" input, with ``sqllm-batch-add`` button
@@ -31,20 +31,20 @@ import panel as pn
 import param
 
 from study_query_llm.services.jobs import BatchProgress, ItemOutcome, Target
-from study_query_llm.services.prompt_files import SUPPORTED, parse_prompts
+from study_query_llm.services.prompt_files import SUPPORTED, parse_prompts, size_text
 
+from ..export import download_buttons
 from ..safe import escape
 from ..state import AppState, describe_error, notify
 from .inference import USER_ERRORS, chat_providers, check_model_name, is_mock, list_model_ids
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 5 * 1024 * 1024
-MAX_PROMPTS = 50_000
 MAX_ITEMS = 250_000
 PREVIEW_CHARS = 160
 TICK_S = 0.4  # how often the progress bar, counts and table are refreshed
 RECORDED_EVERY_S = 5.0  # how often other tabs are told about new calls during a batch
+RESULTS_SHOWN = 5_000  # newest result rows kept in the table
 RESULT_COLUMNS = ["position", "prompt", "target", "sample", "status", "call id", "answer"]
 
 
@@ -108,6 +108,8 @@ class BatchView(pn.viewable.Viewer):
     def __init__(self, **params):
         super().__init__(**params)
         settings = self.state.services.settings
+        self._max_bytes = settings.upload_max_bytes  # UPLOAD_MAX_BYTES
+        self._max_prompts = settings.upload_max_prompts  # UPLOAD_MAX_PROMPTS
         self._providers = list(chat_providers(settings).values())
         self._task: asyncio.Task | None = None
         self._progress_seen: BatchProgress | None = None
@@ -123,6 +125,7 @@ class BatchView(pn.viewable.Viewer):
             placeholder="What is the boiling point of water?\nName three prime numbers.",
             rows=6,
             sizing_mode="stretch_width",
+            max_length=self._max_bytes,  # UPLOAD_MAX_BYTES, as for a file
             css_classes=["sqllm-batch-prompts"],
         )
         self._file = pn.widgets.FileInput(
@@ -213,7 +216,7 @@ class BatchView(pn.viewable.Viewer):
             pd.DataFrame(columns=RESULT_COLUMNS),
             disabled=True,
             show_index=False,
-            pagination="remote",
+            pagination="local",
             page_size=20,
             sizing_mode="stretch_width",
             layout="fit_data_fill",
@@ -245,9 +248,11 @@ class BatchView(pn.viewable.Viewer):
             layout="fit_data_fill",
             css_classes=["sqllm-batch-matrix"],
         )
+        self._matrix_frame: pd.DataFrame | None = None
         self._matrix_box = pn.Column(
             pn.pane.Markdown("#### Matrix: prompts × targets (first sample's answer)"),
             self._matrix,
+            download_buttons(lambda: self._matrix_frame, "batch-matrix"),
             visible=False,
             sizing_mode="stretch_width",
         )
@@ -320,22 +325,22 @@ class BatchView(pn.viewable.Viewer):
         data, filename = event.new, self._file.filename or "upload.txt"
         if data is None:
             return
-        if len(data) > MAX_UPLOAD_BYTES:
-            self._reject_file(
-                f"{filename} is {len(data) / 1_048_576:.1f} MB; the limit is "
-                f"{MAX_UPLOAD_BYTES // 1_048_576} MB. Split it into smaller files."
-            )
-            return
         try:
-            prompts = await self.state.read(parse_prompts, data, filename)
+            prompts = await self.state.read(
+                parse_prompts,
+                data,
+                filename,
+                max_bytes=self._max_bytes,
+                max_prompts=self._max_prompts,
+            )
         except ValueError as exc:
+            log.info("upload refused", extra={"event": "upload_refused", "bytes": len(data)})
             self._reject_file(describe_error(exc))
             return
-        if len(prompts) > MAX_PROMPTS:
-            self._reject_file(
-                f"{filename} has {len(prompts):,} prompts; the limit is {MAX_PROMPTS:,} per batch."
-            )
-            return
+        log.info(
+            "upload accepted",
+            extra={"event": "upload_accepted", "bytes": len(data), "prompts": len(prompts)},
+        )
         self._file_prompts = prompts
         self._source.object = (
             f"Using <b>{len(prompts):,}</b> prompts from <b>{escape(filename)}</b> "
@@ -395,7 +400,8 @@ class BatchView(pn.viewable.Viewer):
     @param.depends("running", watch=True)
     def _sync_buttons(self, *_events) -> None:
         self._start.disabled = self.running
-        self._cancel.disabled = not self.running
+        # Cancel needs the running task: not while the job is still being created.
+        self._cancel.disabled = not self.running or self._task is None
         self._resume.disabled = self.running or self._jobs.value is None
 
     async def _on_start(self, _event=None) -> None:
@@ -405,8 +411,12 @@ class BatchView(pn.viewable.Viewer):
         if not prompts:
             notify("Paste some prompts (one per line) or upload a file first.", "error")
             return
-        if len(prompts) > MAX_PROMPTS:
-            notify(f"{len(prompts):,} prompts; the limit is {MAX_PROMPTS:,} per batch.", "error")
+        if len(prompts) > self._max_prompts:
+            notify(
+                f"{len(prompts):,} prompts; the limit is {self._max_prompts:,} per batch "
+                "(UPLOAD_MAX_PROMPTS).",
+                "error",
+            )
             return
         if not self._targets.value:
             notify("Choose at least one provider:model target.", "error")
@@ -485,7 +495,9 @@ class BatchView(pn.viewable.Viewer):
         self._status.object = f"Batch #{job_id}: starting…"
         self._active_job = job_id
         await self._load_jobs()
+        self._cancel_requested = False
         self._task = asyncio.create_task(self._drive(job_id))
+        self._sync_buttons()
 
     def _on_progress(self, progress: BatchProgress) -> None:
         self._progress_seen = progress  # read by the ticker; no UI work per item
@@ -495,7 +507,6 @@ class BatchView(pn.viewable.Viewer):
         batches = self.state.services.batches
         ticker = asyncio.create_task(self._tick(job_id))
         cancelled = failed = False
-        self._cancel_requested = False
         self._in_run = True
         try:
             async for outcome in batches.run_job(
@@ -545,7 +556,9 @@ class BatchView(pn.viewable.Viewer):
         if not self._rows:
             return
         rows, self._rows = self._rows, []
-        self._results.stream(pd.DataFrame(rows, columns=RESULT_COLUMNS), follow=True)
+        # Local pagination (a stream into a remotely paginated table never shows); the
+        # newest RESULTS_SHOWN rows are kept so a huge batch does not grow the page.
+        self._results.stream(pd.DataFrame(rows, columns=RESULT_COLUMNS), rollover=RESULTS_SHOWN)
 
     def _show_progress(self, job_id: int, progress: BatchProgress | None) -> None:
         if progress is None:
@@ -593,9 +606,18 @@ class BatchView(pn.viewable.Viewer):
             notify(f"Could not build the matrix: {describe_error(exc)}", "error")
             return
         # Column titles are targets (provider / model) and Tabulator renders titles as HTML.
+        self._matrix_frame = frame
         frame = frame.rename(columns=lambda c: escape(c)).fillna("")
         self._matrix.value = frame
         self._matrix_box.visible = True
+
+    async def _results_frame(self) -> pd.DataFrame | None:
+        """Every call of the batch's group (not only the rows the table keeps)."""
+        if self._group_id is None:
+            return None
+        study = self.state.study
+        size = await self.state.read(study.group_size, self._group_id)
+        return await self.state.read(study.group_calls, self._group_id, max(size, 1))
 
     async def _on_cancel(self, _event=None) -> None:
         job_id, task = self.job_id, self._task
@@ -619,7 +641,7 @@ class BatchView(pn.viewable.Viewer):
             pn.Row(
                 pn.pane.HTML(
                     f"or upload prompts ({', '.join(SUPPORTED)}; up to "
-                    f"{MAX_UPLOAD_BYTES // 1_048_576} MB, {MAX_PROMPTS:,} prompts):"
+                    f"{size_text(self._max_bytes)}, {self._max_prompts:,} prompts):"
                 ),
                 self._file,
             ),
@@ -631,6 +653,7 @@ class BatchView(pn.viewable.Viewer):
             self._progress,
             self._status,
             self._results,
+            download_buttons(self._results_frame, "batch-results"),
             self._matrix_box,
             pn.pane.Markdown("#### Resume"),
             pn.Row(self._jobs, self._resume, self._refresh_jobs),

@@ -24,7 +24,7 @@ import param
 from study_query_llm.services.conversation import Conversation
 from study_query_llm.services.inference import RunResult
 
-from ..safe import escape, pre
+from ..safe import TEXT_MAX_CHARS, escape, pre
 from ..state import AppState, describe_error, notify
 from .inference import TEXT_CSS, USER_ERRORS, ModelPicker, is_mock
 
@@ -127,6 +127,7 @@ class ChatView(pn.viewable.Viewer):
             placeholder="You are a helpful assistant.",
             rows=2,
             sizing_mode="stretch_width",
+            max_length=TEXT_MAX_CHARS,
             css_classes=["sqllm-chat-system"],
         )
         self._new = pn.widgets.Button(

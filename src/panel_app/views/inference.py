@@ -35,7 +35,7 @@ from study_query_llm.services.inference import InferenceService, RunResult
 from study_query_llm.services.preprocessing import PLACEHOLDER
 from study_query_llm.services.recorder import RecordingError
 
-from ..safe import escape, pre
+from ..safe import TEXT_MAX_CHARS, escape, pre
 from ..state import AppState, describe_error, notify
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ class RunView(pn.viewable.Viewer):
             placeholder="You are a careful assistant.",
             rows=2,
             sizing_mode="stretch_width",
+            max_length=TEXT_MAX_CHARS,
             css_classes=["sqllm-run-system"],
         )
         self._prompt = pn.widgets.TextAreaInput(
@@ -273,12 +274,14 @@ class RunView(pn.viewable.Viewer):
             placeholder="Ask something…",
             rows=5,
             sizing_mode="stretch_width",
+            max_length=TEXT_MAX_CHARS,
             css_classes=["sqllm-run-prompt"],
         )
         self._template = pn.widgets.TextInput(
             name="Template (optional, must contain {user_input})",
             placeholder="Answer in one sentence: {user_input}",
             sizing_mode="stretch_width",
+            max_length=TEXT_MAX_CHARS,
             css_classes=["sqllm-run-template"],
         )
         self._temperature = pn.widgets.FloatInput(

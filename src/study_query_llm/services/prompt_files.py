@@ -33,12 +33,38 @@ def read_prompts(path: str | Path) -> list[str]:
     return parse_prompts(data, path.name)
 
 
-def parse_prompts(data: bytes | str, filename: str) -> list[str]:
-    """Prompts from file contents; the extension of `filename` picks the format."""
+def size_text(n_bytes: int) -> str:
+    """A byte count as a person reads it (``5 MB``, ``1.5 MB``, ``700 KB``)."""
+    if n_bytes >= 1_048_576:
+        return f"{n_bytes / 1_048_576:.1f}".removesuffix(".0") + " MB"
+    return f"{max(1, round(n_bytes / 1024))} KB"
+
+
+def parse_prompts(
+    data: bytes | str,
+    filename: str,
+    *,
+    max_bytes: int | None = None,
+    max_prompts: int | None = None,
+) -> list[str]:
+    """Prompts from file contents; the extension of `filename` picks the format.
+
+    `max_bytes` and `max_prompts` (the upload limits) refuse larger files with a message
+    that names the limit and the setting that raises it.
+    """
     suffix = Path(filename).suffix.lower()
     if suffix not in SUPPORTED:
         raise PromptFileError(
             f"{filename}: unsupported file type {suffix or '(none)'}; use {', '.join(SUPPORTED)}"
+        )
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
+    if max_bytes is not None and size > max_bytes:
+        have, limit = size_text(size), size_text(max_bytes)
+        if have == limit:  # just over: rounded sizes would read the same
+            have, limit = f"{size:,} bytes", f"{max_bytes:,} bytes"
+        raise PromptFileError(
+            f"{filename}: {have} is over the upload limit of {limit} (UPLOAD_MAX_BYTES); "
+            "split it into smaller files"
         )
     if isinstance(data, bytes):
         try:
@@ -61,6 +87,11 @@ def parse_prompts(data: bytes | str, filename: str) -> list[str]:
         prompts = _jsonl(text, filename)
     if not prompts:
         raise PromptFileError(f"{filename}: contains no prompts")
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise PromptFileError(
+            f"{filename}: {len(prompts):,} prompts is over the limit of {max_prompts:,} per "
+            "batch (UPLOAD_MAX_PROMPTS); split it into smaller files"
+        )
     return prompts
 
 
