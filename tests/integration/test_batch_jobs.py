@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
+import re
+import subprocess
+import sys
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,12 +33,15 @@ from study_query_llm.db.models_v1 import InferenceRun
 from study_query_llm.db.models_v2 import Group, GroupMember, RawCall
 from study_query_llm.db.repositories.jobs import JobRepository
 from study_query_llm.providers import ProviderError, create
+from study_query_llm.services._common import ProviderPool
 from study_query_llm.services.inference import InferenceService, RetryPolicy
 from study_query_llm.services.jobs import BatchProgress, BatchService, ItemOutcome, Target
 from study_query_llm.services.recorder import CallRecorder, RecordingError
 from study_query_llm.testing.server import Fault, LoopbackServer
 
 CHAT = "/v1/chat/completions"
+CLI = str(Path(sys.executable).with_name("study-query-llm"))
+SUMMARY = re.compile(r"(\d+) succeeded, (\d+) failed, (\d+) cancelled, (\d+) open of (\d+)")
 OPENAI = Target("openai", "gpt-4o-mini")
 VLLM = Target("vllm", "meta-llama/Llama-3.1-8B-Instruct")
 MOCK = Target("mock", "mock-small")
@@ -51,7 +58,13 @@ class Rig:
     engine: Engine
     batches: BatchService
     inference: InferenceService
+    pool: ProviderPool
     waits: list[float] = field(default_factory=list)
+
+    def known(self, *targets: Target) -> None:
+        """Note that these models answer, so the first calls to them are not probes."""
+        for target in targets:
+            self.pool.learn(target.provider, target.model, "chat", None)
 
 
 def provider_factory(
@@ -90,13 +103,14 @@ def make_rig(
         waits.append(seconds)
         await asyncio.sleep(0)
 
+    pool = ProviderPool(provider_factory(openai_url, vllm_url))
     inference = InferenceService(
         CallRecorder(engine),
-        providers=provider_factory(openai_url, vllm_url),
+        providers=pool,
         retry=retry or RetryPolicy(max_attempts=3, initial_backoff_s=0.01),
         sleep=fake_sleep,
     )
-    return Rig(engine, BatchService(engine, inference), inference, waits)
+    return Rig(engine, BatchService(engine, inference), inference, pool, waits)
 
 
 @pytest.fixture
@@ -384,6 +398,9 @@ async def test_fault_injection_every_attempt_recorded_and_counts_add_up(
 
 async def test_concurrency_cap_is_respected_and_reached(rig: Rig, loopback: LoopbackServer) -> None:
     loopback.delay_s = 0.05
+    # A model not seen yet is probed by one call first; this one is known, so the first
+    # claimed items all start together and the cap is reached.
+    rig.known(OPENAI)
     job_id = await rig.batches.create_job([f"capped {i}" for i in range(40)], [OPENAI])
     in_flight: list[int] = []
     await run_all(
@@ -400,6 +417,7 @@ async def test_per_provider_caps_are_respected(engine: Engine, loopback: Loopbac
     loopback.delay_s = 0.05
     with LoopbackServer(delay_s=0.05) as second:
         rig = make_rig(engine, loopback.openai_base_url, second.openai_base_url)
+        rig.known(OPENAI, VLLM)  # no probe calls first: the caps are reached at once
         try:
             job_id = await rig.batches.create_job(
                 [f"two providers {i}" for i in range(24)], [OPENAI, VLLM]
@@ -609,6 +627,64 @@ async def test_identical_prompts_share_one_call_when_the_job_asks_for_it(
     assert table_count(rig.engine, RawCall) == 2
 
 
+async def test_samples_never_share_a_call_even_when_the_job_asks_for_dedup(
+    rig: Rig, loopback: LoopbackServer
+) -> None:
+    """n_samples > 1 asks for independent answers: identical prompts are each sent."""
+    loopback.delay_s = 0.05  # identical requests overlap in flight
+    job_id = await rig.batches.create_job(["same", "same"], [OPENAI], n_samples=3, dedup=True)
+    outcomes = await run_all(rig.batches, job_id, concurrency=6)
+    assert loopback.count(CHAT) == 6
+    assert requests_by_prompt(loopback) == {"same": 6}
+    assert len(outcomes) == 6
+    assert all(o.status == "succeeded" and not o.result.deduplicated for o in outcomes)
+    items = items_of(rig.engine, job_id)
+    assert sorted(item.sample_index for item in items) == [0, 0, 1, 1, 2, 2]
+    assert len({item.call_id for item in items}) == 6
+    assert table_count(rig.engine, RawCall) == 6
+    assert_each_item_has_one_final_record(rig.engine, job_id)
+
+
+async def test_an_unknown_deployment_is_asked_once_per_batch(
+    engine: Engine, loopback: LoopbackServer
+) -> None:
+    """A 404 is remembered: the other items fail at once, each with its own failed record."""
+    settings = Settings(_env_file=None)
+    inference = InferenceService(
+        CallRecorder(engine),
+        providers=lambda _id: create(
+            "azure", settings, api_key="k", base_url=loopback.url, timeout_s=60
+        ),
+        retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01),
+    )
+    batches = BatchService(engine, inference)
+    n = 20
+    try:
+        job_id = await batches.create_job(
+            [f"deploy {i}" for i in range(n)], [Target("azure", "no-such-deployment")]
+        )
+        outcomes = await run_all(batches, job_id, concurrency=8)
+    finally:
+        await inference.aclose()
+    assert len(loopback.requests) == 1
+    assert loopback.requests[0].path == "/openai/deployments/no-such-deployment/chat/completions"
+    assert len(outcomes) == n and all(o.status == "failed" for o in outcomes)
+    assert all("no-such-deployment" in str(o.result.error) for o in outcomes)
+
+    calls = read(engine, select(RawCall).order_by(RawCall.id))
+    assert len(calls) == n and {c.status for c in calls} == {"failed"}
+    [asked] = [c for c in calls if not c.error_json.get("remembered")]
+    remembered = [c for c in calls if c.error_json.get("remembered")]
+    assert asked.error_json["status_code"] == 404 and len(remembered) == n - 1
+    assert {c.error_json["message"] for c in calls} == {asked.error_json["message"]}
+    assert {c.error_json["type"] for c in calls} == {"not_found"}
+    assert all("remembered as unknown" in c.error_json["detail"] for c in remembered)
+    assert all(c.metadata_json["final_attempt"] for c in calls)  # never retried
+    assert_each_item_has_one_final_record(engine, job_id)
+    counts = await batches.counts(job_id)
+    assert (counts.failed, counts.succeeded, counts.open) == (n, 0, 0)
+
+
 class FlakyRecorder(CallRecorder):
     """Fails to record the first `failures` successful calls, as if the database were gone."""
 
@@ -706,6 +782,78 @@ async def test_several_workers_drain_one_job_on_postgres(
     assert workers == {"worker-a": len(first), "worker-b": len(second)}
     counts = await a.batches.counts(job_id)
     assert (counts.succeeded, counts.open) == (n, 0)
+
+
+def _workers_seen(engine: Engine, job_id: int) -> set[str]:
+    """Workers holding an item of the job now, or that recorded a call for it."""
+    holding = read(
+        engine,
+        select(BatchJobItem.claimed_by)
+        .where(BatchJobItem.job_id == job_id, BatchJobItem.claimed_by.is_not(None))
+        .distinct(),
+    )
+    recorded = {(c.metadata_json or {}).get("worker") for c in read(engine, select(RawCall))}
+    return (set(holding) | recorded) - {None}
+
+
+@pytest.mark.postgres
+async def test_several_worker_processes_drain_one_job_on_postgres(
+    pg_db_url: str, loopback: LoopbackServer, tmp_path: Path
+) -> None:
+    """`study-query-llm batch resume ID` in three processes at once: each item is called and
+    recorded exactly once, and every process takes a share."""
+    n, processes = 150, 3
+    engine = get_engine(pg_db_url)
+    rig = make_rig(engine, loopback.openai_base_url)
+    try:
+        job_id = await rig.batches.create_job([f"process {i}" for i in range(n)], [OPENAI])
+    finally:
+        await rig.inference.aclose()
+    # Slow answers until every process has claimed items, so none can finish the job alone
+    # however long the others take to start (one alone would need n / 2 x 2 s).
+    loopback.delay_s = 2.0
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg_db_url,
+        "OPENAI_API_KEY": "k",
+        "OPENAI_BASE_URL": loopback.openai_base_url,
+    }
+    command = [CLI, "batch", "resume", str(job_id), "--no-progress", "--concurrency", "2"]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(processes)
+    ]
+    try:
+        await wait_until(lambda: len(_workers_seen(engine, job_id)) == processes, within=TIMEOUT_S)
+        loopback.delay_s = 0.0
+        results = await asyncio.wait_for(
+            asyncio.gather(*(p.communicate() for p in procs)), TIMEOUT_S
+        )
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    for proc, (out_bytes, err_bytes) in zip(procs, results, strict=True):
+        out, err = out_bytes.decode(), err_bytes.decode()
+        assert proc.returncode == 0, err
+        assert "Traceback" not in out + err
+        match = SUMMARY.search(out)
+        assert match and tuple(int(g) for g in match.groups()) == (n, 0, 0, 0, n), out
+
+    assert loopback.count(CHAT) == n  # no item was called twice
+    assert set(requests_by_prompt(loopback).values()) == {1}
+    assert_each_item_has_one_final_record(engine, job_id)
+    assert {item.status for item in items_of(engine, job_id)} == {"succeeded"}
+    calls = read(engine, select(RawCall))
+    assert len(calls) == n and {c.status for c in calls} == {"success"}
+    # Worker ids are host:pid:suffix; each process recorded some of the calls.
+    shares = Counter(c.metadata_json["worker"].rsplit(":", 2)[1] for c in calls)
+    assert set(shares) == {str(p.pid) for p in procs}
+    assert sum(shares.values()) == n
+    assert (await rig.batches.job(job_id))["status"] == "completed"
 
 
 async def test_dead_workers_items_are_taken_over_after_their_lease(

@@ -8,9 +8,11 @@ installed, the local MiniLM model go through the same service.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
+from sqlalchemy import text as sql
 
 from study_query_llm.config import Settings
 from study_query_llm.db import migrate
@@ -23,6 +25,8 @@ from study_query_llm.providers import (
     create,
     local_minilm,
 )
+from study_query_llm.services._common import MODEL_MEMORY, ProviderPool
+from study_query_llm.services.context import build_services
 from study_query_llm.services.embedding import EmbeddingService, embedding_hash
 from study_query_llm.services.inference import RetryPolicy
 from study_query_llm.testing.server import Fault, LoopbackServer, count_tokens, embedding_vector
@@ -163,6 +167,44 @@ async def test_the_cache_survives_a_new_service(
     assert second.provider_calls == 0
 
 
+def _explain(engine: Engine, statement: str, parameters: Any) -> str:
+    """The database's plan for a statement exactly as the driver was given it."""
+    prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(prefix + statement, parameters).all()
+    return "\n".join(" ".join(str(part) for part in row) for row in rows)
+
+
+async def test_cache_lookups_use_the_request_hash_index(service: EmbeddingService, engine: Engine):
+    """The lookup the service runs is planned as an index search, not a scan of recent rows."""
+    texts = [f"cached text {i}" for i in range(3000)]
+    await service.embed(texts, provider="mock", model="mock-embed", batch_size=500)
+    with engine.begin() as conn:
+        conn.execute(sql("ANALYZE"))  # planner statistics for a table of this size
+
+    lookups: list[tuple[str, Any]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
+        if "embedding_vectors" in statement and "request_hash IN" in statement:
+            lookups.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        hits = await service.embed(texts[:3], provider="mock", model="mock-embed")
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert all(hit.cached for hit in hits)
+    [(statement, parameters)] = lookups
+
+    plan = _explain(engine, statement, parameters)
+    assert "ix_raw_calls_request_hash" in plan, plan
+    if engine.dialect.name == "sqlite":
+        # SEARCH is an index lookup; "SCAN raw_calls" would read every row.
+        assert "SCAN raw_calls" not in plan and "SCAN embedding_vectors" not in plan, plan
+    else:
+        assert "Seq Scan" not in plan, plan
+
+
 async def test_mixed_batch_only_sends_the_missing_texts(
     sqlite_service: EmbeddingService, loopback: LoopbackServer
 ):
@@ -292,6 +334,51 @@ async def test_validate_probes_once(sqlite_service: EmbeddingService, loopback: 
     await sqlite_service.validate("openai", MODEL)
     await sqlite_service.validate("openai", MODEL)
     assert loopback.count(EMB) == 1
+
+
+async def test_services_sharing_a_pool_probe_once(
+    sqlite_engine: Engine, loopback: LoopbackServer, fake_sleep: FakeSleep
+):
+    pool = ProviderPool(factory(loopback))
+    first = EmbeddingService(sqlite_engine, providers=pool, sleep=fake_sleep)
+    second = EmbeddingService(sqlite_engine, providers=pool, sleep=fake_sleep)
+    try:
+        await first.validate("openai", MODEL)
+        await second.validate("openai", MODEL)
+        with pytest.raises(ModelNotFoundError):
+            await first.validate("openai", "no-such-embedder")
+        with pytest.raises(ModelNotFoundError) as remembered:
+            await second.validate("openai", "no-such-embedder")
+    finally:
+        await pool.aclose()
+    assert loopback.count(EMB) == 2  # one probe per model
+    assert remembered.value.to_json()["remembered"] is True
+    assert second.provider_calls == 0
+
+
+async def test_sessions_built_separately_probe_once(
+    sqlite_engine: Engine, loopback: LoopbackServer
+):
+    """Each browser session builds its own services; the process probes a model once."""
+    settings = Settings(
+        _env_file=None,
+        database_url=str(sqlite_engine.url),
+        openai_api_key="k",
+        openai_base_url=loopback.openai_base_url,
+    )
+    sessions = [build_services(settings, migrate_first=False) for _ in range(2)]
+    try:
+        for services in sessions:
+            await services.embeddings.validate("openai", MODEL)
+        for services in sessions:
+            with pytest.raises(ModelNotFoundError):
+                await services.embeddings.validate("openai", "no-such-session-embedder")
+    finally:
+        for services in sessions:
+            await services.aclose()
+        MODEL_MEMORY.forget()
+    assert loopback.count(EMB) == 2
+    assert [r.status for r in calls(sqlite_engine)] == ["success", "failed"]
 
 
 async def test_transient_error_is_retried(

@@ -22,11 +22,14 @@ from study_query_llm.db.models_v2 import GroupMember, RawCall
 from study_query_llm.providers import (
     BadRequestError,
     BaseLLMProvider,
+    ModelNotFoundError,
     ProviderTimeoutError,
     ProviderUnavailableError,
     create,
 )
 from study_query_llm.providers.pricing import PricingTable
+from study_query_llm.services._common import MODEL_MEMORY, ModelMemory, ProviderPool
+from study_query_llm.services.context import build_services
 from study_query_llm.services.inference import (
     NO_RETRY,
     InferenceService,
@@ -979,6 +982,116 @@ async def test_stream_abandoned_by_the_reader_is_recorded(
     assert row.status == "cancelled"
     assert row.metadata_json["partial_text"] == first
     assert reply_text(prompt).startswith(first)
+
+
+# --- unknown models are remembered ------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_unknown_model_fails_fast_until_the_memory_expires(
+    sqlite_engine: Engine, loopback: LoopbackServer, fake_sleep: FakeSleep
+):
+    clock = FakeClock()
+    memory = ModelMemory(ttl_s=600, clock=clock)
+    svc = InferenceService(
+        CallRecorder(sqlite_engine),
+        providers=ProviderPool(factory(loopback), models=memory),
+        retry=RetryPolicy(max_attempts=4),
+        sleep=fake_sleep,
+    )
+    model = "deployed-later"
+    try:
+        first = await svc.run("Hello", provider="openai", model=model)
+        second = await svc.run("Hello again", provider="openai", model=model)
+        _, streamed = await _consume(svc.stream("Stream it", provider="openai", model=model))
+        assert loopback.count(CHAT) == 1  # only the first was sent
+
+        # The deployment is created; until the memory expires it is still not asked.
+        loopback.models.append(model)
+        clock.now += 599
+        still = await svc.run("Not yet", provider="openai", model=model)
+        clock.now += 1
+        later = await svc.run("Now it exists", provider="openai", model=model)
+    finally:
+        await svc.aclose()
+        with contextlib.suppress(ValueError):
+            loopback.models.remove(model)  # the server outlives this test
+
+    assert isinstance(first.error, ModelNotFoundError)
+    assert "deployed-later" in str(first.error)
+    for result in (second, streamed, still):
+        assert result.status == "failed" and isinstance(result.error, ModelNotFoundError)
+        assert result.error.message == first.error.message  # the same clear error
+    assert later.ok and later.text == reply_text("Now it exists")
+    assert loopback.count(CHAT) == 2
+    assert fake_sleep.waits == []  # a 404 is never retried
+
+    rows = calls(sqlite_engine)
+    assert [r.status for r in rows] == ["failed"] * 4 + ["success"]
+    assert [r.id for r in rows[:4]] == [
+        first.call_id,
+        second.call_id,
+        streamed.call_id,
+        still.call_id,
+    ]
+    assert "remembered" not in rows[0].error_json
+    for row in rows[1:4]:
+        assert row.error_json["remembered"] is True
+        assert row.error_json["status_code"] == 404
+        assert row.error_json["message"] == rows[0].error_json["message"]
+        assert "remembered as unknown" in row.error_json["detail"]
+        assert row.metadata_json["final_attempt"] is True
+        assert row.latency_ms is None
+    assert "asked again in 600 s" in rows[1].error_json["detail"]
+    assert "asked again in 1 s" in rows[3].error_json["detail"]
+
+
+def test_the_memory_is_bounded():
+    clock = FakeClock()
+    memory = ModelMemory(ttl_s=600, max_entries=3, clock=clock)
+    error = ModelNotFoundError("not found (404)", provider="openai", status_code=404)
+    for index in range(5):
+        memory.learn(("openai", None, f"m{index}", "chat"), error)
+    assert len(memory) == 3
+    assert memory.unknown(("openai", None, "m0", "chat")) is None  # the oldest went first
+    assert memory.unknown(("openai", None, "m4", "chat")) is not None
+    clock.now += 600
+    assert memory.unknown(("openai", None, "m4", "chat")) is None
+    assert len(memory) == 2
+
+
+async def test_services_built_separately_share_what_they_learnt(
+    sqlite_engine: Engine, loopback: LoopbackServer
+):
+    """Two browser sessions build their own services: one 404 serves both."""
+    settings = Settings(
+        _env_file=None,
+        database_url=str(sqlite_engine.url),
+        openai_api_key="k",
+        openai_base_url=loopback.openai_base_url,
+    )
+    model = "no-such-model-for-sessions"
+    first = build_services(settings, migrate_first=False)
+    second = build_services(settings, migrate_first=False)
+    try:
+        asked = await first.inference.run("Hi", provider="openai", model=model)
+        told = await second.inference.run("Hi", provider="openai", model=model)
+    finally:
+        await first.aclose()
+        await second.aclose()
+        MODEL_MEMORY.forget()
+    assert loopback.count(CHAT) == 1
+    assert isinstance(asked.error, ModelNotFoundError)
+    assert isinstance(told.error, ModelNotFoundError)
+    assert told.error.to_json()["remembered"] is True
+    assert [r.status for r in calls(sqlite_engine)] == ["failed", "failed"]
 
 
 # --- groups ------------------------------------------------------------------------------

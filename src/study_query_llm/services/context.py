@@ -22,7 +22,7 @@ from ..db import migrate
 from ..db.connection import get_engine
 from ..providers import create
 from ..providers.pricing import PricingTable
-from ._common import ProviderPool
+from ._common import MODEL_MEMORY, ProviderPool
 from .conversation import ConversationService
 from .embedding import EmbeddingService
 from .inference import InferenceService, RetryPolicy
@@ -59,7 +59,9 @@ def build_services(
         migrate.upgrade(settings.database_url)
     engine = get_engine(settings.database_url)
     pricing = PricingTable(settings.pricing_table_overrides())
-    pool = ProviderPool(partial(create, settings=settings))  # one client per provider, shared
+    # One client per provider, shared by the services; what calls learn about models
+    # (a 404 for a deployment) is shared by every pool in the process.
+    pool = ProviderPool(partial(create, settings=settings), models=MODEL_MEMORY)
     recorder = CallRecorder(engine)
     inference = InferenceService(recorder, providers=pool, pricing=pricing, retry=retry)
     return Services(

@@ -25,7 +25,8 @@ from tenacity import AsyncRetrying, retry_if_exception
 
 from ..db.connection import UnitOfWork
 from ..db.records import NewCall
-from ..providers import BaseLLMProvider, ModelNotFoundError, ProviderError
+from ..logging_setup import log_provider_calls
+from ..providers import BaseLLMProvider, EmbeddingResponse, ProviderError
 from ..providers.pricing import PricingTable
 from ._common import ProviderPool, as_pool, db_io
 from .inference import RetryPolicy, status_for
@@ -95,8 +96,6 @@ class EmbeddingService:
         self.pricing = pricing or PricingTable()
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
-        self._invalid: dict[tuple[str, str], ProviderError] = {}
-        self._valid: set[tuple[str, str]] = set()
         self.provider_calls = 0
 
     def provider(self, provider_id: str) -> BaseLLMProvider:
@@ -109,11 +108,12 @@ class EmbeddingService:
         return await db_io(self.engine, fn, write=write)
 
     async def validate(self, provider: str, model: str) -> None:
-        """Probe a model/deployment once (a one-word embedding) and remember the answer."""
-        key = (provider, model)
-        if key in self._invalid:
-            raise self._invalid[key]
-        if key in self._valid:
+        """Probe a model/deployment (a one-word embedding) unless the provider pool already
+        knows the answer: it remembers what calls learnt (an answer, or a 404) for a while."""
+        remembered = self._pool.unknown_model(provider, model, "embedding")
+        if remembered is not None:
+            raise remembered
+        if self._pool.model_answered(provider, model, "embedding"):
             return
         await self.embed(["ping"], provider=provider, model=model)
 
@@ -136,9 +136,6 @@ class EmbeddingService:
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise ValueError(f"text {empty[0] + 1} is empty")
-        key = (provider, model)
-        if key in self._invalid:
-            raise self._invalid[key]
         instance = self.provider(provider)
         hashes = [embedding_hash(provider, model, t, dimensions) for t in texts]
         cached: dict[str, tuple[int, list[float]]] = await self._io(
@@ -195,8 +192,13 @@ class EmbeddingService:
             with attempt:
                 number = attempt.retry_state.attempt_number
                 try:
-                    self.provider_calls += 1
-                    response = await instance.embed(texts, model=model, dimensions=dimensions)
+                    # A model remembered as unknown (404) fails here without a request.
+                    response = await self._pool.checked(
+                        provider,
+                        model,
+                        "embedding",
+                        lambda: self._provider_embed(instance, texts, model, dimensions),
+                    )
                 except ProviderError as error:
                     final = not (
                         error.transient
@@ -204,13 +206,10 @@ class EmbeddingService:
                         and time.monotonic() - started < policy.max_total_s
                     )
                     last_was_final[0] = final
-                    if isinstance(error, ModelNotFoundError):
-                        self._invalid[(provider, model)] = error
                     await self._record_failure(
                         provider, model, dimensions, chunk, error, number, final, batch_request
                     )
                     raise
-        self._valid.add((provider, model))
         tokens = _share(response.prompt_tokens, [len(t) for t in texts])
         calls = []
         for (h, text), vector, tok in zip(chunk, response.vectors, tokens, strict=True):
@@ -247,6 +246,7 @@ class EmbeddingService:
         def write(uow: UnitOfWork) -> dict[str, tuple[int, list[float]]]:
             # sanitise: PostgreSQL's JSON refuses NUL; store U+FFFD rather than lose the call
             ids = uow.calls.add_many([sanitise(call) for call, _ in calls])
+            log_provider_calls([call for call, _ in calls], ids)
             out: dict[str, tuple[int, list[float]]] = {}
             for call_id, (call, vector) in zip(ids, calls, strict=True):
                 uow.embeddings.add(call_id, model, vector)
@@ -256,6 +256,12 @@ class EmbeddingService:
             return out
 
         return await self._io(write, write=True)
+
+    async def _provider_embed(
+        self, instance: BaseLLMProvider, texts: list[str], model: str, dimensions: int | None
+    ) -> EmbeddingResponse:
+        self.provider_calls += 1
+        return await instance.embed(texts, model=model, dimensions=dimensions)
 
     async def _record_failure(
         self, provider, model, dimensions, chunk, error, number, final, batch_request
@@ -280,4 +286,5 @@ class EmbeddingService:
             )
             for h, text in chunk
         ]
-        await self._io(lambda uow: uow.calls.add_many(calls), write=True)
+        ids = await self._io(lambda uow: uow.calls.add_many(calls), write=True)
+        log_provider_calls(calls, ids)

@@ -4,6 +4,8 @@ One `run()` preprocesses the prompt, calls the provider with tenacity retries on
 errors (honouring Retry-After), records every attempt in `raw_calls` (failures with their
 error and attempt number) and each success also in the v1 `inference_runs` table, and
 returns the recorded call ids. Identical concurrent requests can share one provider call.
+A model or deployment that answered 404 fails fast for a while (the provider pool remembers
+it), each such call still recorded as failed.
 """
 
 from __future__ import annotations
@@ -231,6 +233,9 @@ class InferenceService:
             parts: list[str] = []
             response: ProviderResponse | None = None
             try:
+                remembered = self._pool.unknown_model(provider, prepared.model, "chat")
+                if remembered is not None:
+                    raise remembered  # got a 404 before: not sent again (until it expires)
                 # aclosing: a reader that stops early also closes the provider's stream.
                 async with contextlib.aclosing(
                     prepared.instance.stream(
@@ -267,6 +272,7 @@ class InferenceService:
                 )
                 raise
             except ProviderError as error:
+                self._pool.learn(provider, prepared.model, "chat", error)
                 final = bool(parts) or not (
                     error.transient
                     and number < policy.max_attempts
@@ -297,6 +303,7 @@ class InferenceService:
                 await self._sleep(policy.delay_for(error, number))
                 continue
             assert response is not None
+            self._pool.learn(provider, prepared.model, "chat", None)
             cost = self.pricing.cost_usd(
                 response.model, response.prompt_tokens, response.completion_tokens
             )
@@ -444,7 +451,13 @@ class InferenceService:
                 with attempt:
                     number = attempt.retry_state.attempt_number
                     try:
-                        response = await instance.complete(sent, model=model, **options)
+                        # A model remembered as unknown (404) fails here without a request.
+                        response = await self._pool.checked(
+                            provider_id,
+                            model,
+                            "chat",
+                            lambda: instance.complete(sent, model=model, **options),
+                        )
                     except asyncio.CancelledError:
                         # The caller gave up (batch cancelled): the attempt still gets a row.
                         cancelled = ProviderError("cancelled by the caller", provider=provider_id)

@@ -28,6 +28,13 @@ from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from ..db.column_types import utcnow
 from ..db.connection import UnitOfWork, is_transient_error, run_write
@@ -152,17 +159,14 @@ class BatchService:
 
     async def _patiently(self, work: Callable[[], Any]) -> Any:
         """Run `work` in a thread; ride out a database that is briefly unreachable."""
-        deadline = time.monotonic() + self.db_patience_s
-        delay = 0.1
-        while True:
-            try:
-                return await asyncio.to_thread(work)
-            except Exception as exc:
-                if not is_transient_error(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("batch bookkeeping: database unavailable (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_transient_error),
+            wait=wait_exponential(multiplier=0.1, min=0.1, max=2.0),
+            stop=stop_after_delay(self.db_patience_s),
+            before_sleep=_log_db_retry,
+            reraise=True,
+        )
+        return await retrying(asyncio.to_thread, work)
 
     async def _write(self, fn: Callable[[UnitOfWork], Any]) -> Any:
         return await self._patiently(lambda: run_write(self.engine, fn))
@@ -656,6 +660,11 @@ def _new_group(
         if group_id is not None:
             return int(group_id), candidate
     raise AssertionError("unreachable")
+
+
+def _log_db_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("batch bookkeeping: database unavailable (%s); retrying", error)
 
 
 def _seconds_until(when: datetime) -> float:
