@@ -73,9 +73,22 @@ async def test_raw_calls_record_the_target_that_served_and_the_ones_tried(db_url
             b.script(Fault(status=503))
             exhausted = await services.inference.run("Where is Oslo?", provider=f"group:{name}")
         assert served.ok and not refused.ok and not exhausted.ok
-        ok, bad, failed = rows(services.engine)
+        recorded = rows(services.engine)
 
-    assert (ok.provider, ok.model, ok.status) == (f"group:{name}", MODEL, "success")
+    # One row per provider call: a's 503, b's answer; a's 400; a's 503 then b's 503.
+    assert [(r.status, r.metadata_json["routing"]["target"]) for r in recorded[:2]] == [
+        ("failed", "a"),
+        ("success", "b"),
+    ]
+    first_try, ok, bad, exhausted_a, failed = recorded
+    assert first_try.provider == "openai" and first_try.model == MODEL
+    assert first_try.error_json["status_code"] == 503 and first_try.error_json["failed_over"]
+    assert first_try.metadata_json["routing"]["group"] == name
+    assert exhausted_a.status == "failed" and exhausted_a.error_json["status_code"] == 503
+    assert served.call_id == ok.id
+
+    # The answer is recorded under the provider that gave it; the group is in the routing.
+    assert (ok.provider, ok.model, ok.status) == ("openai", MODEL, "success")
     routing = ok.metadata_json["routing"]
     assert routing["group"] == name and routing["strategy"] == "failover"
     assert routing["target"] == "b"
@@ -90,6 +103,7 @@ async def test_raw_calls_record_the_target_that_served_and_the_ones_tried(db_url
     assert bad.error_json["transient"] is False
     assert [t["target"] for t in bad.error_json["routing"]["tried"]] == ["a"]
 
+    assert (failed.provider, failed.model) == ("openai", MODEL)  # b, the last target tried
     assert failed.error_json["type"] == "group_exhausted"
     assert [t["target"] for t in failed.error_json["routing"]["tried"]] == ["a", "b"]
     assert failed.error_json["routing"]["last_target"] == "b"
@@ -112,8 +126,10 @@ async def test_streaming_through_a_group_is_recorded_with_its_routing(tmp_path):
                     "Name three colours", provider=f"group:{name}"
                 )
             ]
-        (row,) = rows(services.engine)
+        *failed_over, row = rows(services.engine)  # a's 503 first, if a was tried first
+    assert [r.status for r in failed_over] == ["failed"] * len(failed_over) and len(failed_over) < 2
     assert items[-1].ok
+    assert row.status == "success" and row.provider == "openai"
     assert row.metadata_json["routing"]["target"] in ("a", "b")
     assert row.metadata_json["streamed"] is True
 
@@ -142,12 +158,17 @@ async def test_a_batch_through_a_group_with_a_dead_target_loses_no_item(db_url):
 
     assert (counts.succeeded, counts.failed, counts.open) == (40, 0, 0)
     assert sorted(o.item.position for o in outcomes) == list(range(40))
-    assert len(records) == 40 and {r.status for r in records} == {"success"}
-    assert {r.metadata_json["routing"]["target"] for r in records} == {"alive"}
+    answers = [r for r in records if r.status == "success"]
+    assert len(answers) == 40
+    assert {r.metadata_json["routing"]["target"] for r in answers} == {"alive"}
     assert alive.count(CHAT) == 40
-    # The dead target was tried until its breaker opened, then left alone.
-    tried_dead = [r for r in records if len(r.metadata_json["routing"]["tried"]) == 2]
+    # The dead target was tried until its breaker opened, then left alone; each try is a
+    # failed call of its own, next to the answer the alive target gave instead.
+    tried_dead = [r for r in answers if len(r.metadata_json["routing"]["tried"]) == 2]
     assert 1 <= len(tried_dead) <= 4 + 2  # at most the calls in flight when it opened
+    dead_rows = [r for r in records if r.status != "success"]
+    assert len(dead_rows) == len(tried_dead)
+    assert {r.metadata_json["routing"]["target"] for r in dead_rows} == {"dead"}
     assert status["dead"]["breaker"]["state"] == "open"
     assert "connection" in status["dead"]["breaker"]["last_error"]
 

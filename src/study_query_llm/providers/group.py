@@ -932,7 +932,13 @@ class ProviderGroup(BaseLLMProvider):
         if state.tokens is not None and response.total_tokens is not None:
             state.tokens.adjust(response.total_tokens - request.tokens, now)
         request.tried.append(
-            {"target": target.key, "outcome": "success", "latency_ms": response.latency_ms}
+            {
+                "target": target.key,
+                "provider": target.config.provider,
+                "model": target.config.model,
+                "outcome": "success",
+                "latency_ms": response.latency_ms,
+            }
         )
         routing = self._routing(request, target)
         return response.model_copy(
@@ -954,6 +960,8 @@ class ProviderGroup(BaseLLMProvider):
         state = target.state
         entry: dict[str, Any] = {
             "target": target.key,
+            "provider": target.config.provider,
+            "model": target.config.model,
             "outcome": "failed",
             "error": error.kind,
             "transient": error.transient,

@@ -142,21 +142,27 @@ def _recent_stats(engine: Any, window: timedelta) -> tuple[list[Any], dict[tuple
         RawCall.metadata_json["routing"]["target"].as_string(),
         RawCall.error_json["routing"]["last_target"].as_string(),
     )
+    # Calls through a group are recorded under the target's own provider, with the group
+    # and target in their routing (a failure's routing is in its error).
+    group = func.coalesce(
+        RawCall.metadata_json["routing"]["group"].as_string(),
+        RawCall.error_json["routing"]["group"].as_string(),
+    )
     per_target = (
         select(
-            RawCall.provider,
+            group,
             target,
             func.count(),
             func.sum(case((RawCall.status == "success", 0), else_=1)),
         )
-        .where(RawCall.provider.like(f"{GROUP_PREFIX}%"), RawCall.created_at >= start)
-        .group_by(RawCall.provider, target)
+        .where(group.is_not(None), RawCall.created_at >= start)
+        .group_by(group, target)
     )
     with UnitOfWork(engine) as uow:
         stats = uow.calls.by_provider_model(CallFilters(start=start))
         targets = {
-            (provider, key): (int(count), int(failures or 0))
-            for provider, key, count, failures in uow.session.execute(per_target)
+            (f"{GROUP_PREFIX}{name}", key): (int(count), int(failures or 0))
+            for name, key, count, failures in uow.session.execute(per_target)
             if key is not None
         }
     return stats, targets

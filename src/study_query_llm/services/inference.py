@@ -569,6 +569,14 @@ class InferenceService:
         on_final,
     ) -> int:
         meta = {**metadata, **response.metadata, "attempt": number}
+        routing = response.metadata.get("routing")
+        # Through a provider group: the targets that failed first are calls of their own,
+        # and the answer is recorded under the provider that gave it.
+        await self._record_group_tries(
+            routing, request_json, key, number, metadata, group_id, position
+        )
+        served_by = response.metadata.get("target_provider") if routing else None
+        provider_id = served_by or provider_id
         call = NewCall(
             provider=provider_id,
             model=response.model or model,
@@ -623,6 +631,12 @@ class InferenceService:
         on_final,
         status: str | None = None,
     ) -> int:
+        routing = getattr(error, "routing", None)
+        tries = await self._record_group_tries(
+            routing, request_json, key, number, metadata, group_id, position, skip_last=True
+        )
+        if tries.last is not None:  # the last target tried is this row's provider and model
+            provider_id, model = tries.last["provider"], tries.last["model"]
         call = NewCall(
             provider=provider_id,
             model=model,
@@ -640,6 +654,68 @@ class InferenceService:
             role=(role or "final") if final else "retry",
             after=on_final,
         )
+
+    async def _record_group_tries(
+        self,
+        routing: dict[str, Any] | None,
+        request_json: dict[str, Any],
+        key: str,
+        number: int,
+        metadata: dict[str, Any],
+        group_id: int | None,
+        position: int | None,
+        *,
+        skip_last: bool = False,
+    ) -> _GroupTries:
+        """Record each target a provider group tried and that failed, as a failed call.
+
+        `skip_last`: the last target tried is recorded by the caller (as the final failure).
+        """
+        tried = [t for t in (routing or {}).get("tried", []) if t.get("provider")]
+        if not tried:
+            return _GroupTries([], None)
+        last = tried[-1] if skip_last else None
+        ids = []
+        for index, entry in enumerate(tried if last is None else tried[:-1]):
+            if entry.get("outcome") != "failed":
+                continue
+            call = NewCall(
+                provider=entry["provider"],
+                model=entry["model"],
+                modality="chat",
+                status="timeout" if entry.get("error") == "timeout" else "failed",
+                request_json=request_json,
+                error_json={
+                    "type": entry.get("error"),
+                    "message": entry.get("message"),
+                    "transient": entry.get("transient"),
+                    "status_code": entry.get("status_code"),
+                    "failed_over": True,
+                },
+                request_hash=key,
+                metadata_json={
+                    **metadata,
+                    "attempt": number,
+                    "final_attempt": False,
+                    "routing": {
+                        "group": routing["group"],
+                        "strategy": routing.get("strategy"),
+                        "target": entry["target"],
+                        "try": index + 1,
+                        "failed_over": True,
+                    },
+                },
+            )
+            ids.append(
+                await self.recorder.record(call, group_id=group_id, position=position, role="retry")
+            )
+        return _GroupTries(ids, last)
+
+
+@dataclass(frozen=True)
+class _GroupTries:
+    call_ids: list[int]
+    last: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
