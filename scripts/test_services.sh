@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Make sure what the test suite needs is there: Chromium for the UI tests, and the local
-# PostgreSQL server for the integration tests. Installs either from the distribution's
-# packages when missing, starts PostgreSQL when it is down, and waits until it accepts
-# connections. Safe to run repeatedly.
+# Make sure what the test suite needs is there: Chromium for the UI tests, docker-compose
+# to validate docker-compose.yml, and the local PostgreSQL server for the integration
+# tests. Installs them from the distribution's packages when missing, starts PostgreSQL
+# when it is down, and waits until it accepts connections. Safe to run repeatedly.
 set -euo pipefail
 
 PGHOST="${TEST_POSTGRES_HOST:-127.0.0.1}"
@@ -27,6 +27,12 @@ if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium
 fi
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null || echo missing)"
+
+if ! command -v docker-compose >/dev/null; then
+    echo "docker-compose: not installed; installing it (the tests validate docker-compose.yml)"
+    apt_install docker-compose
+fi
+echo "docker-compose: $(docker-compose version --short 2>/dev/null || echo missing)"
 
 if command -v pg_isready >/dev/null && pg_up; then
     echo "postgresql: accepting connections on $PGHOST:$PGPORT"

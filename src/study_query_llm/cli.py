@@ -60,6 +60,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-models", action="store_true", help="do not ask each provider for its model list"
     )
     providers.add_argument("--json", action="store_true", help="print JSON")
+    check = providers.add_subparsers(dest="providers_command", parser_class=_Parser).add_parser(
+        "check", help="per target: reachable, tiny-request latency, breaker, recent failures"
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.add_argument(
+        "--provider", "-p", action="append", default=[], help="only this provider or group:NAME"
+    )
+    check.add_argument(
+        "--no-request", action="store_true", help="only list models: no tokens, nothing recorded"
+    )
+    check.add_argument("--window-minutes", type=float, default=60.0, help="recent failure window")
+    check.add_argument("--timeout", type=float, default=30.0, help="seconds per check")
 
     ask = sub.add_parser("ask", help="send one prompt and print the answer and its metadata")
     ask.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
@@ -81,6 +93,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     db.add_parser("upgrade", help="bring the database to the newest schema (keeps all data)")
     db.add_parser("current", help="print the schema revision of the database")
+    from .ops_commands import add_auth_parser, add_backup_arguments
+
+    add_backup_arguments(db.add_parser("backup", help="copy the SQLite database, even in use"))
+    add_auth_parser(sub)
+    from .legacy_commands import add_import_arguments
+
+    add_import_arguments(
+        db.add_parser("import-v1", help="copy a legacy v1 database into v2 (safe to rerun)")
+    )
 
     batch = sub.add_parser("batch", help="run, inspect and resume batches").add_subparsers(
         dest="batch_command", required=True, parser_class=_Parser
@@ -131,7 +152,53 @@ def _fmt(value: Any, suffix: str = "") -> str:
     return "—" if value is None else f"{value}{suffix}"
 
 
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} ms"
+
+
+async def _providers_check(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+
+    from .providers.health import check_health
+
+    if not (args.window_minutes > 0 and args.timeout > 0):
+        raise CliError("--window-minutes and --timeout must be more than 0", EXIT_USAGE)
+    for provider_id in args.provider:
+        get_spec(provider_id, settings)  # unknown or unconfigured: fail before the database
+    async with open_services(settings) as services:
+        rows = await check_health(
+            services,
+            provider_ids=args.provider or None,
+            request=not args.no_request,
+            window=timedelta(minutes=args.window_minutes),
+            timeout_s=args.timeout,
+        )
+    if args.json:
+        payload = {"window_minutes": args.window_minutes, "targets": [r.to_json() for r in rows]}
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"{'target':<44} {'reachable':<9} {'listing':>8} {'request':>8}  {'breaker':<12} "
+              f"failures ({args.window_minutes:g} min)")  # fmt: skip
+        for row in rows:
+            breaker = (row.breaker or {}).get("state") or (row.breaker or {}).get("strategy", "—")
+            rate = (
+                "—"
+                if row.failure_rate is None
+                else f"{row.recent_failures}/{row.recent_calls} ({row.failure_rate:.1%})"
+            )
+            reachable = {True: "yes", False: "NO", None: "—"}[row.reachable]
+            print(f"{row.label[:44]:<44} {reachable:<9} {_ms(row.listing_ms):>8} "
+                  f"{_ms(row.request_ms):>8}  {breaker:<12} {rate}")  # fmt: skip
+            if row.error:
+                print(f"{'':<4}{row.error}")
+            if row.breaker and row.breaker.get("last_error") and row.breaker["state"] != "closed":
+                print(f"{'':<4}breaker since {row.breaker['since']}: {row.breaker['last_error']}")
+    return EXIT_OK if all(row.reachable for row in rows) else EXIT_FAILURE
+
+
 async def _providers(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "providers_command", None) == "check":
+        return await _providers_check(args, settings)
     rows: list[dict[str, Any]] = []
     for spec in configured(settings):
         row: dict[str, Any] = {
@@ -285,6 +352,15 @@ async def _stream_recorded(
 
 async def _db(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.database_url
+    if args.db_command == "backup":
+        from .ops_commands import run_backup
+
+        return await run_backup(args, settings)
+    if args.db_command == "import-v1":
+        from .legacy_commands import IMPORT_INTERRUPTED, run_guarded, run_import
+
+        # In this thread, so Ctrl-C stops it cleanly between transactions.
+        return run_guarded(run_import, args, IMPORT_INTERRUPTED)
     if args.db_command == "upgrade":
         before = await asyncio.to_thread(migrate.current, url)
         await asyncio.to_thread(migrate.upgrade, url)
@@ -373,7 +449,8 @@ async def _batch(args: argparse.Namespace, settings: Settings) -> int:
         prompts = read_prompts(args.prompts)
         targets = _targets(args)
         for target in targets:
-            create(target.provider, settings)  # configuration errors before the database
+            # Configuration errors before the database; the client is not needed yet.
+            await create(target.provider, settings).aclose()
         options = {
             key: value
             for key, value in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
@@ -381,6 +458,8 @@ async def _batch(args: argparse.Namespace, settings: Settings) -> int:
         }
         if args.samples < 1 or args.concurrency < 1:
             raise CliError("--samples and --concurrency must be at least 1", EXIT_USAGE)
+        if not args.lease_seconds > 0:
+            raise CliError("--lease-seconds must be more than 0", EXIT_USAGE)
         async with open_services(settings) as services:
             job_id = await services.batches.create_job(
                 prompts, targets, n_samples=args.samples, options=options, name=args.group
@@ -391,6 +470,11 @@ async def _batch(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return await _drain(services, job_id, args)
+    if command == "resume":
+        if args.concurrency < 1:
+            raise CliError("--concurrency must be at least 1", EXIT_USAGE)
+        if not args.lease_seconds > 0:
+            raise CliError("--lease-seconds must be more than 0", EXIT_USAGE)
     async with open_services(settings) as services:
         if command == "list":
             for job in await services.batches.list_jobs():
@@ -415,7 +499,13 @@ async def _batch(args: argparse.Namespace, settings: Settings) -> int:
         return await _drain(services, args.job_id, args)
 
 
-COMMANDS = {"providers": _providers, "ask": _ask, "db": _db, "batch": _batch}
+async def _auth(args: argparse.Namespace, settings: Settings) -> int:
+    from .ops_commands import run_auth
+
+    return await run_auth(args, settings)
+
+
+COMMANDS = {"providers": _providers, "ask": _ask, "db": _db, "batch": _batch, "auth": _auth}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

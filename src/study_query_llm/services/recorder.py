@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from ..db.connection import UnitOfWork, run_write
 from ..db.records import NewCall, NewRun
+from ..logging_setup import log_provider_call
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class CallRecorder:
         self._ensure_writer().put_nowait(
             _Pending(sanitise(call), _sanitise_run(run), group_id, position, role, after, future)
         )
-        return await asyncio.shield(future)
+        call_id = await asyncio.shield(future)
+        log_provider_call(call, call_id)
+        return call_id
 
     async def aclose(self) -> None:
         """Write what is queued, then stop the writer task."""
