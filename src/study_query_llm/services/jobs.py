@@ -41,6 +41,7 @@ from ..db.connection import UnitOfWork, is_transient_error, run_write
 from ..db.models_v2 import Group
 from ..db.repositories.jobs import ClaimedItem, JobCounts, JobRepository, PlannedItem
 from ..providers import ProviderError
+from ..providers.group import GROUP_PREFIX
 from .inference import InferenceService, RetryPolicy, RunResult
 from .preprocessing import PreprocessConfig
 from .recorder import RecordingError
@@ -67,7 +68,17 @@ class Target:
 
     @classmethod
     def parse(cls, text: str) -> Target:
-        """`provider:model` (the model may itself contain colons, e.g. ``ollama:llama3:8b``)."""
+        """`provider:model` (the model may itself contain colons, e.g. ``ollama:llama3:8b``).
+
+        A provider group's id has a colon of its own: ``group:NAME:model`` (``auto`` lets
+        the group choose), or just ``group:NAME``, which means ``group:NAME:auto``.
+        """
+        text = text.strip()
+        if text.startswith(GROUP_PREFIX):
+            name, sep, model = text[len(GROUP_PREFIX) :].partition(":")
+            if not name.strip():
+                raise ValueError(f"target {text!r} must look like group:NAME[:model]")
+            return cls(f"{GROUP_PREFIX}{name.strip()}", model.strip() if sep else "auto")
         provider, sep, model = text.partition(":")
         if not sep or not provider or not model:
             raise ValueError(f"target {text!r} must look like provider:model")
