@@ -157,6 +157,12 @@ def create_app(settings: Settings | None = None) -> pn.template.FastListTemplate
     tabs = pn.Tabs(dynamic=True, sizing_mode="stretch_width")
     for title, module, cls in TABS:
         tabs.append((title, _build_view(state, module, cls)))
+    state.active_tab = TABS[0][0]
+
+    def on_active(event) -> None:
+        state.active_tab = TABS[event.new][0]
+
+    tabs.param.watch(on_active, "active")
 
     template = pn.template.FastListTemplate(
         title="Study Query LLM",

@@ -35,6 +35,36 @@ class AppState(param.Parameterized):
     group_id = param.Integer(default=None, allow_None=True, doc="Only calls of this group.")
 
     version = param.Integer(default=0, doc="Bumped whenever new calls are recorded.")
+    active_tab = param.String(default="", doc="Title of the dashboard tab in view.")
+
+    def showing(self, title: str) -> bool:
+        """Whether the tab `title` is in view (tabs redraw only then; see `when_shown`)."""
+        return self.active_tab == title
+
+    def when_shown(self, title: str, refresh: Callable[[], Any]) -> Callable[[], Any]:
+        """A trigger for `refresh` that waits until the tab `title` is in view.
+
+        A pane changed while its tab is hidden has no page to attach its stylesheets to
+        (Panel then points them at a CDN), and nobody sees the change anyway: a hidden tab
+        only remembers that it is stale and refreshes when it is shown again.
+        """
+        stale = [False]
+
+        async def trigger(*_events: Any) -> None:
+            if self.showing(title):
+                stale[0] = False
+                result = refresh()
+                if asyncio.iscoroutine(result):
+                    await result
+            else:
+                stale[0] = True
+
+        async def on_tab(event: Any) -> None:
+            if event.new == title and stale[0]:
+                await trigger()
+
+        self.param.watch(on_tab, "active_tab")
+        return trigger
 
     @param.depends("start", "end", "providers", "models", "status", "group_id")
     def filters(self) -> CallFilters:

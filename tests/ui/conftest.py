@@ -58,7 +58,7 @@ _PROVIDER_ENV_PREFIXES = (
 )
 
 # Playwright's auto-waiting assertions: generous enough for a loaded CI machine.
-expect.set_options(timeout=20_000)
+expect.set_options(timeout=30_000)
 
 
 def _app_env(database_url: str) -> dict[str, str]:

@@ -399,10 +399,11 @@ class AnalyticsView(pn.viewable.Viewer):
         )
         self._refresh_button.on_click(self._on_refresh)
 
+        refresh = self.state.when_shown("Analytics", self._refresh_if_started)
         self.state.param.watch(
-            self._on_state, ["start", "end", "providers", "models", "status", "group_id", "version"]
+            refresh, ["start", "end", "providers", "models", "status", "group_id", "version"]
         )
-        self.param.watch(self._on_options, ["bucket", "by", "latency_kind", "samples_per_model"])
+        self.param.watch(refresh, ["bucket", "by", "latency_kind", "samples_per_model"])
 
     # --- loading -------------------------------------------------------------------------
 
@@ -410,11 +411,7 @@ class AnalyticsView(pn.viewable.Viewer):
         """`fn(*args)` off the loop, cached under (key, filters..., version)."""
         return await self._cache.fetch(key, lambda: self.state.read(fn, *args))
 
-    async def _on_state(self, *_events: Any) -> None:
-        if self._started:
-            await self.refresh()
-
-    async def _on_options(self, *_events: Any) -> None:
+    async def _refresh_if_started(self) -> None:
         if self._started:
             await self.refresh()
 

@@ -303,14 +303,15 @@ class GroupsView(pn.viewable.Viewer):
             css_classes=["sqllm-group-detail"],
         )
 
+        refresh = self.state.when_shown("Groups", self._on_state)
         self.state.param.watch(
-            self._on_state, ["start", "end", "providers", "models", "status", "group_id", "version"]
+            refresh, ["start", "end", "providers", "models", "status", "group_id", "version"]
         )
-        self.param.watch(self._on_state, ["group_type"])
+        self.param.watch(refresh, ["group_type"])
 
     # --- the list ------------------------------------------------------------------------
 
-    async def _on_state(self, *_events: Any) -> None:
+    async def _on_state(self) -> None:
         if self._started:
             await self.refresh()
 

@@ -113,9 +113,8 @@ class ProvidersView(pn.viewable.Viewer):
         self.refresh_groups()
         if pn.state.curdoc is not None:
             # Breakers change while batches run in other tabs: keep the table live.
-            pn.state.onload(
-                lambda: pn.state.add_periodic_callback(self.refresh_groups, period=REFRESH_MS)
-            )
+            pn.state.onload(lambda: pn.state.add_periodic_callback(self._tick, period=REFRESH_MS))
+            self.state.param.watch(self._on_tab, "active_tab")
 
     # --- providers and their models ------------------------------------------------------
 
@@ -275,6 +274,15 @@ class ProvidersView(pn.viewable.Viewer):
                 ".json file (TOML files are edited by hand)."
             )
         self._group_where = pn.pane.HTML(where, css_classes=["sqllm-group-where"])
+
+    def _tick(self) -> None:
+        # Only while the tab is in view (a hidden pane has no page to attach styles to).
+        if self.state.showing("Providers"):
+            self.refresh_groups()
+
+    def _on_tab(self, event: Any) -> None:
+        if event.new == "Providers":
+            self.refresh_groups()
 
     def refresh_groups(self) -> None:
         """Re-read the group configuration and every target's breaker and load."""

@@ -162,7 +162,8 @@ class SearchView(pn.viewable.Viewer):
         self._input.param.watch(self._on_search, "enter_pressed")
         self.param.watch(self._on_limit, "limit")
         self.state.param.watch(
-            self._on_state, ["start", "end", "providers", "models", "status", "group_id", "version"]
+            self.state.when_shown("Search", self._on_state),
+            ["start", "end", "providers", "models", "status", "group_id", "version"],
         )
 
     # --- actions -------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class SearchView(pn.viewable.Viewer):
         if self.query:
             await self.search()
 
-    async def _on_state(self, *_events: Any) -> None:
+    async def _on_state(self) -> None:
         if self.query:
             await self.search()
 
