@@ -8,20 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from study_query_llm.config import Settings
+from study_query_llm.testing.dashboard import SETTING_PREFIXES
 
-# Keys and endpoints must never come from the developer's shell or .env during tests.
-_PROVIDER_ENV_PREFIXES = (
-    "OPENAI_",
-    "AZURE_OPENAI_",
-    "HYPERBOLIC_",
-    "OPENROUTER_",
-    "ANTHROPIC_",
-    "VLLM_",
-    "LMSTUDIO_",
-    "OLLAMA_",
-    "MOCK_",
-    "PRICING_OVERRIDES",
-)
+# Keys, endpoints and app settings must never come from the developer's shell or .env.
+_PROVIDER_ENV_PREFIXES = SETTING_PREFIXES
 
 
 @pytest.fixture(autouse=True)

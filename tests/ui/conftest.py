@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,6 +24,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, expect
 from ui_helpers import SCREENSHOTS, open_dashboard, page_text
+
+from study_query_llm.testing.dashboard import ServedDashboard, clean_env, served_dashboard
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_SCRIPT = ROOT / "scripts" / "seed_demo_data.py"
@@ -41,49 +41,24 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SEED_CALLS = 200  # back-dated calls; the seed adds its live runs, batches and chat on top
-STARTUP_TIMEOUT_S = 60.0
-# Environment a developer's shell may carry that must not reach the served app.
-_PROVIDER_ENV_PREFIXES = (
-    "OPENAI_",
-    "AZURE_OPENAI_",
-    "HYPERBOLIC_",
-    "OPENROUTER_",
-    "ANTHROPIC_",
-    "VLLM_",
-    "LMSTUDIO_",
-    "OLLAMA_",
-    "MOCK_",
-    "PRICING_OVERRIDES",
-    "DATABASE_URL",
-)
 
 # Playwright's auto-waiting assertions: generous enough for a loaded CI machine.
 expect.set_options(timeout=30_000)
 
 
-def _app_env(database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_PROVIDER_ENV_PREFIXES)}
-    env.update(DATABASE_URL=database_url, MOCK_LATENCY_MS="20", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Dashboard:
-    """The served dashboard: its address and the log it writes."""
+    """The served dashboard: its address, database and the log it writes."""
 
-    url: str
-    log_path: Path
+    served: ServedDashboard
     database_url: str
 
+    @property
+    def url(self) -> str:
+        return self.served.url
+
     def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.served.log_tail(lines)
 
     def health(self) -> tuple[int, dict]:
         """Status and JSON body of GET /health."""
@@ -94,65 +69,27 @@ class Dashboard:
             return error.code, json.loads(error.read() or b"{}")
 
 
-def _wait_for_health(process: subprocess.Popen, dashboard: Dashboard) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(
-                f"the dashboard exited with code {process.returncode}:\n{dashboard.log_tail()}"
-            )
-        try:
-            status, body = dashboard.health()
-            if status == 200:
-                return
-            last_error = f"HTTP {status}: {body}"
-        except (OSError, ValueError) as error:
-            last_error = str(error)
-        time.sleep(0.25)
-    pytest.fail(
-        f"/health did not answer 200 within {STARTUP_TIMEOUT_S:.0f} s ({last_error}):\n"
-        f"{dashboard.log_tail()}"
-    )
-
-
 @pytest.fixture(scope="session")
 def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     """The dashboard served from a freshly seeded SQLite file, for the whole session."""
     workdir = tmp_path_factory.mktemp("dashboard")
     database_url = f"sqlite:///{workdir / 'demo.db'}"
-    env = _app_env(database_url)
+    settings = {"DATABASE_URL": database_url, "MOCK_LATENCY_MS": "20"}
     seeded = subprocess.run(
         [sys.executable, str(SEED_SCRIPT), "--db", database_url, "--calls", str(SEED_CALLS)],
         cwd=workdir,  # no developer .env is read from here
-        env=env,
+        env=clean_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
     )
     if seeded.returncode != 0:
         pytest.fail(f"seeding failed:\n{seeded.stdout}\n{seeded.stderr}")
-    port = _free_port()
-    log_path = workdir / "dashboard.log"
-    dash = Dashboard(f"http://127.0.0.1:{port}", log_path, database_url)
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "panel_app", "--port", str(port), "--address", "127.0.0.1"],
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        _wait_for_health(process, dash)
-        yield dash
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        with served_dashboard(workdir, settings) as served:
+            yield Dashboard(served, database_url)
+    except RuntimeError as error:  # it did not start: say why, with its log
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="session")

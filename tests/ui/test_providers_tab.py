@@ -7,20 +7,13 @@ loopback address nobody listens on, so its breaker opens when the health check p
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 from ui_helpers import open_tab, screenshot, text_of
+
+from study_query_llm.testing.dashboard import ServedDashboard, free_port, served_dashboard
 
 pytestmark = pytest.mark.ui
 
@@ -36,70 +29,24 @@ groups:
       - {{provider: vllm, model: llama, name: dead, base_url: "{dead}"}}
       - mock:mock-small
 """
-_CLEAN_PREFIXES = (
-    "OPENAI_", "AZURE_OPENAI_", "HYPERBOLIC_", "OPENROUTER_", "ANTHROPIC_", "VLLM_",
-    "LMSTUDIO_", "OLLAMA_", "MOCK_", "PRICING_OVERRIDES", "DATABASE_URL", "PROVIDER_GROUPS",
-    "CAPABILITY_OVERRIDES", "MODEL_LISTING_",
-)  # fmt: skip
-
-
-@dataclass
-class Served:
-    url: str
-    log_path: Path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200 and json.loads(response.read()).get("ok", True)
-    except (OSError, ValueError):
-        return False
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedDashboard]:
     """The dashboard with a providers file (overrides the shared seeded one here)."""
     workdir = tmp_path_factory.mktemp("providers-tab")
     groups = workdir / "providers.yaml"
-    groups.write_text(GROUPS_YAML.format(dead=f"http://127.0.0.1:{_free_port()}/v1"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEAN_PREFIXES)}
-    env.update(
-        DATABASE_URL=f"sqlite:///{workdir / 'providers.db'}",
-        PROVIDER_GROUPS_FILE=str(groups),
-        MOCK_LATENCY_MS="20",
-        PYTHONUNBUFFERED="1",
-    )
-    port = _free_port()
-    served = Served(f"http://127.0.0.1:{port}", workdir / "dashboard.log")
-    with served.log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "panel_app", "--port", str(port), "--address", "127.0.0.1"],
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    groups.write_text(GROUPS_YAML.format(dead=f"http://127.0.0.1:{free_port()}/v1"))
+    settings = {
+        "DATABASE_URL": f"sqlite:///{workdir / 'providers.db'}",
+        "PROVIDER_GROUPS_FILE": str(groups),
+        "MOCK_LATENCY_MS": "20",
+    }
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(served.url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the dashboard did not start:\n{served.log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield served
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        with served_dashboard(workdir, settings) as served:
+            yield served
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def test_groups_health_and_breaker_state_are_shown(page: Page) -> None:
