@@ -23,7 +23,7 @@ install-dev: $(VENV)/.installed-dev
 
 ## run: create the virtual environment, install, and start the dashboard on port 5006
 run: $(VENV)/.installed
-	$(BIN)/study-query-llm-dashboard --port $${PANEL_PORT:-5006} --address $${PANEL_ADDRESS:-127.0.0.1}
+	$(BIN)/study-query-llm-dashboard    # PANEL_PORT / PANEL_ADDRESS from the environment or .env
 
 ## test: install what the tests need (packages, services) and run the whole suite
 test: $(VENV)/.installed-dev services
