@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import panel as pn
 import param
+from bokeh.models.widgets.tables import NumberFormatter
 
 from study_query_llm.providers import ProviderError
 from study_query_llm.providers.config_file import (
@@ -60,12 +61,20 @@ MODEL_COLUMNS = ["provider", "model", "context", "$ in/M", "$ out/M", "capabilit
 
 
 def _table(columns: list[str], css: str, height: int = 220) -> pn.widgets.Tabulator:
+    # Missing numbers (no request sent, nothing measured) show as a dash, not NaN.
+    dash = {"nan_format": "–", "null_format": "–", "text_align": "right"}
+    formatters = {
+        name: NumberFormatter(format="0,0.0" if name.endswith(" ms") else "0,0.[00]", **dash)
+        for name in columns
+        if name.endswith(" ms") or name.startswith("$") or name in ("context", "recent calls")
+    }
     return pn.widgets.Tabulator(
         pd.DataFrame(columns=columns),
         disabled=True,
         show_index=False,
         sizing_mode="stretch_width",
         height=height,
+        formatters=formatters,
         css_classes=[css],
     )
 
