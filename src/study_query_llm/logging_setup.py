@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from pydantic import SecretStr
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -387,8 +388,23 @@ def _after_execute(conn, cursor, statement, parameters, _context, executemany) -
         db_log.debug("database statement", extra=fields)
 
 
+def _take_writes(conn) -> dict[str, int] | None:
+    """The writes counted on this connection, or None once the connection is gone.
+
+    A connection the server killed mid-transaction cannot be asked for its info
+    until the rollback finishes; the count died with it, and logging must never
+    turn the original failure into a different one.
+    """
+    if conn.invalidated:
+        return None
+    try:
+        return conn.info.pop("sqllm_writes", None)
+    except sa_exc.SQLAlchemyError:
+        return None
+
+
 def _on_commit(conn) -> None:
-    writes = conn.info.pop("sqllm_writes", None)
+    writes = _take_writes(conn)
     if writes:
         db_log.info(
             "database write committed",
@@ -397,7 +413,7 @@ def _on_commit(conn) -> None:
 
 
 def _on_rollback(conn) -> None:
-    writes = conn.info.pop("sqllm_writes", None)
+    writes = _take_writes(conn)
     if writes:
         db_log.warning(
             "database write rolled back",
