@@ -717,11 +717,16 @@ async def test_a_call_that_could_not_be_recorded_is_made_again(
     assert sorted(o.item.prompt for o in outcomes) == sorted(f"flaky {i}" for i in range(n))
     assert all(o.status == "succeeded" for o in outcomes)
     assert_each_item_has_one_final_record(engine, job_id)
+    # an item whose call was lost is made again; its retry may be lost too (the first
+    # three successful calls are, whichever items they belong to)
+    lost = Counter(recorder.lost)
     calls = requests_by_prompt(loopback)
-    assert {p: calls[p] for p in recorder.lost} == {p: 2 for p in recorder.lost}
+    assert {p: calls[p] for p in lost} == {p: 1 + k for p, k in lost.items()}
     assert sum(calls.values()) == n + 3
     items = items_of(engine, job_id)
-    assert sorted(i.prompt for i in items if i.claims == 2) == sorted(recorder.lost)
+    assert {i.prompt: i.claims for i in items if i.claims > 1} == {
+        p: 1 + k for p, k in lost.items()
+    }
     assert (await rig.batches.job(job_id))["status"] == "completed"
 
 
