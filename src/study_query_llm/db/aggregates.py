@@ -3,6 +3,15 @@
 Counts, success/failure counts and rate, token sums and means, latency mean and
 percentiles, cost sums — overall, per (provider, model), or per time bucket.
 
+Where the hourly rollups (`study_query_llm.db.rollups`) can answer exactly, they do: the
+filters may name providers, models, modality, status and any time range (whole hours
+come from the rollups, the rest of a partial first or last hour from `raw_calls`);
+buckets of an hour or longer. A group filter or minute buckets read `raw_calls`.
+Percentiles from the rollups pick exactly the same order statistics and interpolate
+with the same arithmetic as each database's own SQL below, so both ways give the same
+numbers; sums of floating-point values (latency mean, cost) can differ only in the last
+digits, from adding in another order. Pass ``use_rollups=False`` to read `raw_calls`.
+
 Percentiles follow one definition everywhere: linear interpolation between the two
 nearest ranks, as PostgreSQL's ``percentile_cont`` and pandas'
 ``quantile(interpolation="linear")``. PostgreSQL computes them with ``percentile_cont``;
@@ -17,9 +26,9 @@ sums of nothing are 0.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import (
     ColumnElement,
@@ -36,9 +45,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from study_query_llm.db import rollup_read
 from study_query_llm.db.column_types import UTCDateTime
 from study_query_llm.db.filters import CallFilters
 from study_query_llm.db.models_v2 import RawCall
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Bucket = Literal["minute", "hour", "day", "week"]
 GroupBy = Literal["provider", "model"] | None
@@ -86,16 +99,38 @@ class CallStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The stats as a plain dict (one row of a frame)."""
-        return asdict(self)
+        return {name: getattr(self, name) for name in _STATS_FIELDS}
 
 
-def summary(session: Session, filters: CallFilters) -> CallStats:
+_STATS_FIELDS = tuple(f.name for f in fields(CallStats))
+_OPTIONAL_FLOATS = (
+    "failure_rate",
+    "prompt_tokens_mean",
+    "completion_tokens_mean",
+    "total_tokens_mean",
+    "latency_mean_ms",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+)
+
+
+def summary(session: Session, filters: CallFilters, *, use_rollups: bool = True) -> CallStats:
     """Aggregates over every call that matches `filters`."""
+    if use_rollups and (stats := _rollup_stats(session, filters, ())) is not None:
+        return stats[0] if stats else _empty_stats()
     return _stats(session, filters, {})[0]
 
 
-def by_provider_model(session: Session, filters: CallFilters) -> list[CallStats]:
+def by_provider_model(
+    session: Session, filters: CallFilters, *, use_rollups: bool = True
+) -> list[CallStats]:
     """Aggregates per (provider, model), ordered by provider then model."""
+    if (
+        use_rollups
+        and (stats := _rollup_stats(session, filters, ("provider", "model"))) is not None
+    ):
+        return stats
     return _stats(session, filters, {"provider": RawCall.provider, "model": RawCall.model})
 
 
@@ -104,6 +139,8 @@ def time_buckets(
     filters: CallFilters,
     bucket: Bucket = "hour",
     by: GroupBy = None,
+    *,
+    use_rollups: bool = True,
 ) -> list[CallStats]:
     """Aggregates per UTC time bucket (and per provider or model), oldest bucket first.
 
@@ -113,6 +150,11 @@ def time_buckets(
         raise ValueError(f"bucket must be one of {BUCKETS}, got {bucket!r}")
     if by not in ("provider", "model", None):
         raise ValueError(f"by must be 'provider', 'model' or None, got {by!r}")
+    if use_rollups and bucket != "minute":
+        names = ("bucket", by) if by is not None else ("bucket",)
+        stats = _rollup_stats(session, filters, names, bucket)
+        if stats is not None:
+            return stats
     keys: dict[str, ColumnElement[Any]] = {"bucket": _bucket_expr(session, bucket)}
     if by is not None:
         keys[by] = getattr(RawCall, by)
@@ -246,4 +288,68 @@ def _to_stats(row: Any) -> CallStats:
         latency_p90_ms=_float(row["latency_p90_ms"]),
         latency_p99_ms=_float(row["latency_p99_ms"]),
         cost_usd_sum=float(row["cost_usd_sum"]),
+    )
+
+
+def _rollup_stats(
+    session: Session,
+    filters: CallFilters,
+    names: tuple[str, ...],
+    bucket: str = "hour",
+) -> list[CallStats] | None:
+    """`_stats` answered from the rollups, in the same order (None: they cannot answer)."""
+    columns = rollup_read.stats_columns(session, filters, names, bucket, PERCENTILES)
+    if columns is None:
+        return None
+    n = columns.pop("groups")
+    values = {}
+    for name in _STATS_FIELDS:
+        column = columns[name]
+        if column is None:
+            values[name] = [None] * n
+        elif name in _OPTIONAL_FLOATS:
+            values[name] = [None if v != v else v for v in column.tolist()]  # NaN: None
+        else:
+            values[name] = column.tolist() if hasattr(column, "tolist") else list(column)
+    return [CallStats(*row) for row in zip(*(values[f] for f in _STATS_FIELDS), strict=True)]
+
+
+def stats_frame(
+    session: Session,
+    filters: CallFilters,
+    by: tuple[str, ...],
+    bucket: Bucket = "hour",
+    *,
+    use_rollups: bool = True,
+) -> pd.DataFrame:
+    """The aggregates grouped by `by` (of "bucket", "provider", "model") as a frame with
+    one column per `CallStats` field (missing means and percentiles are NaN): what
+    `summary`, `by_provider_model` and `time_buckets` return, without building an
+    object per row."""
+    import pandas as pd  # only here: the library imports without pandas
+
+    if bucket not in BUCKETS:
+        raise ValueError(f"bucket must be one of {BUCKETS}, got {bucket!r}")
+    columns = None
+    if use_rollups and not ("bucket" in by and bucket == "minute"):
+        columns = rollup_read.stats_columns(session, filters, by, bucket, PERCENTILES)
+    if columns is None:
+        keys: dict[str, ColumnElement[Any]] = {}
+        for name in by:
+            keys[name] = (
+                _bucket_expr(session, bucket) if name == "bucket" else getattr(RawCall, name)
+            )
+        rows = [s.as_dict() for s in _stats(session, filters, keys)]
+        frame = pd.DataFrame(rows, columns=list(_STATS_FIELDS))
+    else:
+        columns.pop("groups")
+        frame = pd.DataFrame({name: columns[name] for name in _STATS_FIELDS})
+    for name in _OPTIONAL_FLOATS:
+        frame[name] = frame[name].astype("float64")
+    return frame
+
+
+def _empty_stats() -> CallStats:
+    return CallStats(
+        None, None, None, 0, 0, 0, None, 0, None, 0, None, 0, None, None, None, None, None, 0.0
     )

@@ -10,11 +10,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -49,8 +51,6 @@ class RawCall(Base):
         CheckConstraint(_in("status", STATUSES), name="status"),
         Index("ix_raw_calls_created_at_id", "created_at", "id"),
         Index("ix_raw_calls_provider_model_created_at", "provider", "model", "created_at"),
-        Index("ix_raw_calls_status_created_at", "status", "created_at"),
-        Index("ix_raw_calls_modality_created_at", "modality", "created_at"),
         Index("ix_raw_calls_request_hash", "request_hash"),
     )
 
@@ -147,6 +147,84 @@ class EmbeddingVector(Base):
     dimension: Mapped[int] = mapped_column(Integer)
     norm: Mapped[float] = mapped_column(Float)
     vector: Mapped[list[float]] = mapped_column(VectorType)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, default=utcnow, server_default=func.now()
+    )
+
+
+class CallRollup(Base):
+    """Aggregates of the calls of one UTC hour and one (provider, model, modality, status).
+
+    Additive measures (counts, sums) are kept in step with `raw_calls` in the inserting
+    transaction: by the repository's bulk path, or by insert triggers for any other
+    INSERT. `latencies` holds the cell's non-null latencies, sorted ascending, as
+    little-endian float64 bytes, for exact percentiles; it is current when
+    `latencies_count` equals `latency_count` (the bulk path keeps it so; readers that
+    find it behind read the cell's latencies from `raw_calls` instead).
+    See `study_query_llm.db.rollups`.
+    """
+
+    __tablename__ = "call_rollup"
+    __table_args__ = (
+        UniqueConstraint("bucket", "provider", "model", "modality", "status"),
+        Index("ix_call_rollup_provider_model_bucket", "provider", "model", "bucket"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime)
+    provider: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(200))
+    modality: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    latency_count: Mapped[int] = mapped_column(BigInteger)
+    latency_sum: Mapped[float] = mapped_column(Float)
+    prompt_tokens_count: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens_sum: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens_count: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens_sum: Mapped[int] = mapped_column(BigInteger)
+    total_tokens_count: Mapped[int] = mapped_column(BigInteger)
+    total_tokens_sum: Mapped[int] = mapped_column(BigInteger)
+    cost_sum: Mapped[float] = mapped_column(Float)
+    latencies: Mapped[bytes | None] = mapped_column(LargeBinary)
+    latencies_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class RollupState(Base):
+    """One row: a random token naming this database, so cached rollup cells of one
+    database are never taken for another's (see `study_query_llm.db.rollups`)."""
+
+    __tablename__ = "rollup_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance: Mapped[str] = mapped_column(String(64))
+
+
+class BulkInsertRange(Base):
+    """Ids of `raw_calls` rows being inserted by the bulk path, inside its transaction.
+
+    SQLite's per-row insert triggers (search index, rollups) skip these rows because
+    the bulk path does the same work once per batch; the row is deleted before the
+    transaction commits, so the table is empty whenever nothing is being inserted.
+    """
+
+    __tablename__ = "bulk_insert_ranges"
+
+    first_id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(IdType)
+
+
+class SearchBacklog(Base):
+    """Ids of `raw_calls` rows whose search text is not indexed yet (deferred by a bulk
+    insert). Search still finds them, by a scan; `search_index.catch_up` indexes them and
+    deletes the range. See `study_query_llm.db.search_index`."""
+
+    __tablename__ = "search_backlog"
+    __table_args__ = (Index("ix_search_backlog_first_call_id", "first_call_id"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    first_call_id: Mapped[int] = mapped_column(IdType)
+    last_call_id: Mapped[int] = mapped_column(IdType)
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime, default=utcnow, server_default=func.now()
     )

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Self
 
 from study_query_llm.db.column_types import as_utc, utcnow
 from study_query_llm.db.models_v2 import MODALITIES, STATUSES
+
+
+def _values(record: object) -> dict[str, Any]:
+    """The fields of a record as a dict (shallow: JSON values are not copied; bulk inserts
+    only serialise them)."""
+    names = _FIELD_NAMES.get(type(record))
+    if names is None:
+        names = _FIELD_NAMES[type(record)] = tuple(f.name for f in fields(record))  # type: ignore[arg-type]
+    return {name: getattr(record, name) for name in names}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +66,7 @@ class NewCall:
 
     def row(self) -> dict[str, Any]:
         """Column values for the insert, with `created_at` filled in."""
-        values = asdict(self)
+        values = _values(self)
         values["created_at"] = as_utc(self.created_at) if self.created_at else utcnow()
         return values
 
@@ -85,6 +97,6 @@ class NewRun:
 
     def row(self) -> dict[str, Any]:
         """Column values for the insert, with `created_at` filled in."""
-        values = asdict(self)
+        values = _values(self)
         values["created_at"] = as_utc(self.created_at) if self.created_at else utcnow()
         return values

@@ -19,13 +19,22 @@ pg_trgm GIN indexes on both texts.
 
 Ranking (higher is better, comparable only within one result list): SQLite's FTS5
 ``bm25``; on PostgreSQL ``ts_rank_cd`` of the stored tsvector ``document`` against the
-terms as words (OR-ed ``plainto_tsquery``). Ties go to the newest call.
+terms as words (OR-ed ``plainto_tsquery``). Ties go to the newest call. What is ranked
+are the most recently recorded `RANK_WINDOW` matches (or `limit`, if larger): every
+match when there are fewer, which is the rule for specific searches; for a word that
+half the record contains, ranking all of it would cost seconds and say little, so the
+best of the latest matches come back in milliseconds (narrow the filters to reach
+further back).
+
+Calls whose indexing a bulk load deferred (`study_query_llm.db.search_index`) are
+matched too, by a scan of just those calls: on PostgreSQL with their text and rank
+computed on the fly, on SQLite with rank 0 (after the indexed hits).
 
 Snippets mark matches with `HIGHLIGHT_START` / `HIGHLIGHT_END` (``[[`` and ``]]``) and
 elide cut text with ``…``. Snippet text is raw text: a UI must HTML-escape it first and
-then replace the markers with ``<mark>``/``</mark>``. SQLite's snippets come from FTS5
-``snippet()``; otherwise a window of text around the earliest match is cut in SQL and
-the terms are marked in Python.
+then replace the markers with ``<mark>``/``</mark>``. On both databases a window of
+text around the earliest match is cut in SQL and the terms are marked in Python (FTS5's
+``snippet()`` re-reads and re-tokenizes each hit's text: several times slower).
 """
 
 from __future__ import annotations
@@ -51,9 +60,11 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    text,
 )
 from sqlalchemy.orm import Session
 
+from study_query_llm.db import search_index
 from study_query_llm.db.errors import InvalidSearchError
 from study_query_llm.db.filters import CallFilters
 from study_query_llm.db.models_v2 import RawCall
@@ -67,6 +78,10 @@ MIN_TRIGRAM_CHARS = 3  # FTS5's trigram tokenizer matches nothing shorter
 MAX_QUERY_CHARS = 10_000
 MAX_TERMS = 64
 MAX_LIMIT = 1_000
+RANK_WINDOW = 500  # rank the most recently recorded this many matches (or `limit`)
+SAMPLE_CALLS = 1_000  # PostgreSQL: newest calls checked to see how common the terms are
+_TRIGRAM_WORD = re.compile(r"[^\W_]{3}")  # a term pg_trgm's index can narrow down
+RANK_TEXT_CHARS = 100_000  # PostgreSQL ranks on this much text (see the 0002 migration)
 _NO_MATCH = 2**31 - 1  # sentinel position: larger than any text position
 
 # Objects created by the migration with raw SQL (not mapped: not ordinary tables).
@@ -154,17 +169,30 @@ def search_calls(
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
     postgres = session.get_bind().dialect.name == "postgresql"
-    ranked_stmt = _postgres_ranked(terms) if postgres else _sqlite_ranked(terms)
-    ranked_stmt = ranked_stmt.where(*filters.conditions()).limit(limit)
-    ranked = session.execute(ranked_stmt).all()
+    window = max(limit, RANK_WINDOW)
+    if postgres:
+        ranked = _postgres_best(session, terms, filters, window, limit)
+    else:
+        matches, newest = _sqlite_matches(terms)
+        ranked = _best(session, matches.where(*filters.conditions()), newest, window, limit)
+    backlog = search_index.backlog(session)
+    tail: list[Any] = []
+    if backlog:
+        pending = _unindexed_matches(terms, backlog, postgres).where(*filters.conditions())
+        tail = _best(session, pending, RawCall.id.desc(), window, limit)
+        ranked = sorted(
+            [*ranked, *tail], key=lambda r: (-r.score, -r.created_at.timestamp(), -r.id)
+        )[:limit]
     if not ranked:
         return []
-    ids = [row.id for row in ranked]
-    long_terms = [t for t in terms if len(t) >= MIN_TRIGRAM_CHARS]
-    if not postgres and long_terms:
-        snippets = _fts5_snippets(session, long_terms, ids)
-    else:
-        snippets = _window_snippets(session, terms, ids, postgres=postgres)
+    tail_ids = {row.id for row in tail}
+    ids = [row.id for row in ranked if row.id not in tail_ids]
+    snippets = _window_snippets(session, terms, ids, postgres=postgres)
+    pending_ids = [row.id for row in ranked if row.id in tail_ids]
+    if pending_ids:
+        snippets.update(
+            _window_snippets(session, terms, pending_ids, postgres=postgres, computed=postgres)
+        )
     return [
         SearchHit(
             call_id=row.id,
@@ -180,6 +208,19 @@ def search_calls(
     ]
 
 
+def _best(
+    session: Session, matches: Select[Any], newest: Any, window: int, limit: int
+) -> list[Any]:
+    """The `limit` best of the `window` most recently recorded rows of `matches`."""
+    recent = matches.order_by(newest).limit(window).subquery("recent")
+    stmt = (
+        select(recent)
+        .order_by(recent.c.score.desc(), recent.c.created_at.desc(), recent.c.id.desc())
+        .limit(limit)
+    )
+    return list(session.execute(stmt).all())
+
+
 def _hit_columns(score: ColumnElement[float]) -> Select[Any]:
     return select(
         RawCall.id,
@@ -191,11 +232,9 @@ def _hit_columns(score: ColumnElement[float]) -> Select[Any]:
     )
 
 
-def _order(stmt: Select[Any], score: ColumnElement[float]) -> Select[Any]:
-    return stmt.order_by(score.desc(), RawCall.created_at.desc(), RawCall.id.desc())
-
-
-def _sqlite_ranked(terms: Sequence[str]) -> Select[Any]:
+def _sqlite_matches(terms: Sequence[str]) -> tuple[Select[Any], Any]:
+    """The matching calls with their score, and the order that lists them newest first
+    (FTS5 walks its index in descending rowid order without sorting)."""
     long_terms = [t for t in terms if len(t) >= MIN_TRIGRAM_CHARS]
     short_terms = [t for t in terms if len(t) < MIN_TRIGRAM_CHARS]
     if long_terms:
@@ -214,59 +253,148 @@ def _sqlite_ranked(terms: Sequence[str]) -> Select[Any]:
         stmt = stmt.join(_texts, _texts.c.id == RawCall.id).where(
             *(_contains(t, postgres=False) for t in short_terms)
         )
-    return _order(stmt, score)
+    return stmt, (_fts.c.rowid.desc() if long_terms else RawCall.id.desc())
 
 
-def _contains(term: str, *, postgres: bool) -> ColumnElement[bool]:
+def _contains(
+    term: str, *, postgres: bool, texts: tuple[Any, Any] | None = None
+) -> ColumnElement[bool]:
     """`term` occurs, case-insensitively, in the prompt or the response text."""
     pattern = like_pattern(term)
+    prompt, response = texts or (_texts.c.prompt_text, _texts.c.response_text)
     if postgres:  # ILIKE; PostgreSQL's default LIKE escape character is the backslash
-        return or_(_texts.c.prompt_text.ilike(pattern), _texts.c.response_text.ilike(pattern))
+        return or_(prompt.ilike(pattern), response.ilike(pattern))
     # SQLite: LIKE ignores case (ASCII only) and has no escape character unless told
-    return or_(
-        _texts.c.prompt_text.like(pattern, escape="\\"),
-        _texts.c.response_text.like(pattern, escape="\\"),
-    )
+    return or_(prompt.like(pattern, escape="\\"), response.like(pattern, escape="\\"))
 
 
-def _postgres_ranked(terms: Sequence[str]) -> Select[Any]:
+def _postgres_best(
+    session: Session, terms: Sequence[str], filters: CallFilters, window: int, limit: int
+) -> list[Any]:
+    """The `limit` best of the `window` most recently recorded matches, on PostgreSQL.
+
+    Two ways to find the newest matches, and which is fast depends on how common the
+    terms are, which PostgreSQL cannot estimate (no statistics for substrings):
+    walking the calls newest first and checking each costs about `window / share` row
+    checks (stops early for common words); the trigram indexes cost a few posting-list
+    reads plus a check of every candidate they return (`share` of all calls, plus
+    false positives). So the newest `SAMPLE_CALLS` calls are checked first to measure
+    the share, and the cheaper way is taken. (Terms without a run of three letters or
+    digits cannot use the trigram indexes: then the walk it is.) The expensive case
+    left is a term in about sqrt(window / calls) of the calls: ~1% of 5 million.
+    """
+    matches, newest = _postgres_matches(terms)
+    matches = matches.where(*filters.conditions())
+    sample = select(_texts).order_by(_texts.c.id.desc()).limit(SAMPLE_CALLS).subquery("sample")
+    columns = (sample.c.prompt_text, sample.c.response_text)
+    seen = session.execute(
+        select(
+            func.count(),
+            func.count().filter(*(_contains(t, postgres=True, texts=columns) for t in terms)),
+        ).select_from(sample)
+    ).one()
+    share = max(seen[1], 1) / max(seen[0], 1)
+    calls = session.scalar(select(func.max(_texts.c.id))) or 0
+    narrowing = [t for t in terms if _TRIGRAM_WORD.search(t)]
+    if not narrowing or window / share <= share * calls:
+        session.execute(text("SET LOCAL enable_bitmapscan = off"))  # newest first
+        rows = session.execute(matches.order_by(newest).limit(window)).all()
+        session.execute(text("SET LOCAL enable_bitmapscan = on"))
+    else:
+        session.execute(text("SET LOCAL enable_seqscan = off"))  # the trigram indexes
+        session.execute(text("SET LOCAL enable_indexscan = off"))
+        every = (
+            select(_texts.c.id)
+            .where(*(_contains(t, postgres=True) for t in narrowing))
+            .cte("every_match")
+            .prefix_with("MATERIALIZED")
+        )
+        candidates = matches.where(_texts.c.id.in_(select(every.c.id)))
+        rows = session.execute(candidates.order_by(newest).limit(window)).all()
+        session.execute(text("SET LOCAL enable_seqscan = on"))
+        session.execute(text("SET LOCAL enable_indexscan = on"))
+    rows.sort(key=lambda r: (-r.score, -r.created_at.timestamp(), -r.id))
+    return rows[:limit]
+
+
+def _ts_query(terms: Sequence[str]) -> ColumnElement[Any]:
+    """The terms as words, OR-ed (plainto_tsquery never parses operators)."""
     simple = literal_column("'simple'::regconfig")
-    # OR of the terms as words; plainto_tsquery never parses operators.
-    query = reduce(
+    return reduce(
         lambda a, b: a.op("||")(b),
         [func.plainto_tsquery(simple, t) for t in terms],
     )
-    score = cast(func.ts_rank_cd(_texts.c.document, query), Float)
+
+
+def _postgres_matches(terms: Sequence[str]) -> tuple[Select[Any], Any]:
+    """The matching calls with their score, and the order that lists them newest first."""
+    score = cast(func.ts_rank_cd(_texts.c.document, _ts_query(terms)), Float)
     stmt = (
         _hit_columns(score)
         .select_from(_texts)
         .join(RawCall, RawCall.id == _texts.c.id)
         .where(*(_contains(t, postgres=True) for t in terms))
     )
-    return _order(stmt, score)
+    return stmt, _texts.c.id.desc()
 
 
-def _fts5_snippets(
-    session: Session, long_terms: Sequence[str], ids: Sequence[int]
-) -> dict[int, tuple[str, str]]:
-    def snippet(column_index: int) -> ColumnElement[str]:
-        return func.snippet(
-            _fts_ref, column_index, HIGHLIGHT_START, HIGHLIGHT_END, ELLIPSIS, SNIPPET_CHARS
-        )
-
-    stmt = select(_fts.c.rowid, snippet(0), snippet(1)).where(
-        _fts_ref.op("MATCH")(fts5_query(long_terms)), _fts.c.rowid.in_(ids)
+def _computed_texts() -> tuple[Any, Any]:
+    """PostgreSQL: a call's prompt and response text computed from its JSON, as the
+    search trigger stores them (for calls whose indexing was deferred)."""
+    return (
+        func.sqllm_prompt_text(RawCall.request_json),
+        func.sqllm_response_text(RawCall.response_json),
     )
-    return {row[0]: (row[1] or "", row[2] or "") for row in session.execute(stmt)}
+
+
+def _unindexed_matches(
+    terms: Sequence[str], backlog: Sequence[tuple[int, int]], postgres: bool
+) -> Select[Any]:
+    """Matching calls among those not indexed yet (found by a scan of just them).
+
+    PostgreSQL ranks them exactly as indexed calls (the same text and tsvector,
+    computed on the fly); SQLite's bm25 needs the index, so they rank 0, after every
+    indexed hit, newest first.
+    """
+    pending = or_(*(RawCall.id.between(first, last) for first, last in backlog))
+    if postgres:
+        prompt, response = _computed_texts()
+        document = func.to_tsvector(
+            literal_column("'simple'::regconfig"),
+            func.left(prompt.op("||")(" ").op("||")(response), RANK_TEXT_CHARS),
+        )
+        score = cast(func.ts_rank_cd(document, _ts_query(terms)), Float)
+        return _hit_columns(score).where(
+            pending, *(_contains(t, postgres=True, texts=(prompt, response)) for t in terms)
+        )
+    return (
+        _hit_columns(literal(0.0, Float))
+        .join(_texts, _texts.c.id == RawCall.id)
+        .where(pending, *(_contains(t, postgres=False) for t in terms))
+    )
 
 
 def _window_snippets(
-    session: Session, terms: Sequence[str], ids: Sequence[int], *, postgres: bool
+    session: Session,
+    terms: Sequence[str],
+    ids: Sequence[int],
+    *,
+    postgres: bool,
+    computed: bool = False,
 ) -> dict[int, tuple[str, str]]:
-    """Cut a window around each text's earliest match in SQL; mark the terms in Python."""
-    texts = select(
-        _texts.c.id, _texts.c.prompt_text.label("t0"), _texts.c.response_text.label("t1")
-    ).where(_texts.c.id.in_(ids))
+    """Cut a window around each text's earliest match in SQL; mark the terms in Python.
+    `computed`: compute the texts from the calls' JSON (PostgreSQL, calls not indexed)."""
+    if not ids:
+        return {}
+    if computed:
+        prompt, response = _computed_texts()
+        texts = select(RawCall.id, prompt.label("t0"), response.label("t1")).where(
+            RawCall.id.in_(ids)
+        )
+    else:
+        texts = select(
+            _texts.c.id, _texts.c.prompt_text.label("t0"), _texts.c.response_text.label("t1")
+        ).where(_texts.c.id.in_(ids))
     if postgres:
         position, least, greatest = func.strpos, func.least, func.greatest
     else:  # SQLite's scalar min()/max() take two or more arguments

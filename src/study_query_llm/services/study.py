@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine
 
+from ..db import rollups
 from ..db.connection import UnitOfWork
 from ..db.filters import CallFilters
 from ..db.models_v2 import RawCall
@@ -78,6 +79,7 @@ class StudyService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._pgvector: bool | None = None  # does embedding_vectors have a pgvector column?
+        rollups.warm_up(engine)  # the Analytics aggregates' cache, read in the background
 
     def _read(self, fn: Callable[[UnitOfWork], Any]) -> Any:
         with UnitOfWork(self.engine) as uow:
@@ -117,8 +119,8 @@ class StudyService:
 
     def compare(self, filters: CallFilters = CallFilters()) -> pd.DataFrame:
         """One row per (provider, model): counts, failure rate, latency percentiles, cost."""
-        rows = self._read(lambda uow: [s.as_dict() for s in uow.calls.by_provider_model(filters)])
-        frame = pd.DataFrame(rows, columns=["provider", "model", *STAT_COLUMNS])
+        frame = self._read(lambda uow: uow.calls.stats_frame(filters, ("provider", "model")))
+        frame = frame[["provider", "model", *STAT_COLUMNS]].reset_index(drop=True)
         frame.insert(2, "target", frame["provider"] + " / " + frame["model"])
         return frame
 
@@ -129,14 +131,14 @@ class StudyService:
         by: str | None = "provider",
     ) -> pd.DataFrame:
         """One row per time bucket (and provider or model): calls, failures, latency, cost."""
-        rows = self._read(
-            lambda uow: [s.as_dict() for s in uow.calls.time_buckets(filters, bucket, by)]
-        )
+        if by not in ("provider", "model", None):
+            raise ValueError(f"by must be 'provider', 'model' or None, got {by!r}")
+        keys = ("bucket", by) if by else ("bucket",)
         columns = ["bucket", *([by] if by else []), *STAT_COLUMNS]
-        frame = pd.DataFrame(rows)
+        frame = self._read(lambda uow: uow.calls.stats_frame(filters, keys, bucket))  # type: ignore[arg-type]
         if frame.empty:
             return pd.DataFrame(columns=columns)
-        frame = frame[columns]
+        frame = frame[columns].reset_index(drop=True)
         frame["bucket"] = pd.to_datetime(frame["bucket"], utc=True)
         return frame
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from study_query_llm.db import aggregates, search
+from study_query_llm.db import aggregates, rollup_read, rollups, search, search_index
 from study_query_llm.db.aggregates import Bucket, CallStats, GroupBy
-from study_query_llm.db.bulk import insert_rows
+from study_query_llm.db.bulk import allocate_ids, id_ranges, insert_rows
 from study_query_llm.db.filters import CallFilters
-from study_query_llm.db.models_v2 import RawCall
+from study_query_llm.db.models_v2 import BulkInsertRange, RawCall
 from study_query_llm.db.pagination import Cursor, Page, keyset_page
 from study_query_llm.db.records import NewCall
 from study_query_llm.db.search import SearchHit
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NO_FILTERS = CallFilters()
 
@@ -30,10 +33,48 @@ class RawCallRepository:
         """Record one call; returns its id."""
         return self.add_many([call])[0]
 
-    def add_many(self, calls: Iterable[NewCall | Mapping[str, Any]]) -> list[int]:
-        """Record many calls in one batched INSERT; returns their ids in input order."""
+    def add_many(
+        self,
+        calls: Iterable[NewCall | Mapping[str, Any]],
+        *,
+        defer_search_index: bool = False,
+    ) -> list[int]:
+        """Record many calls in one batch; returns their ids in input order.
+
+        The batch goes in with one statement (PostgreSQL: COPY), and its hourly rollups
+        and search index entries are added in the same transaction, once per batch
+        rather than once per row. `defer_search_index=True` leaves the search index to
+        `search_index.catch_up` (search still finds the calls meanwhile): for bulk loads,
+        where indexing text costs several times more than storing the calls.
+        """
         rows = [NewCall.coerce(call).row() for call in calls]
-        return insert_rows(self.session, RawCall, rows)
+        if not rows:
+            return []
+        session = self.session
+        sqlite = session.get_bind().dialect.name == "sqlite"
+        ids = allocate_ids(session, RawCall, len(rows))
+        ranges = id_ranges(ids)
+        if sqlite:  # the per-row triggers skip these ids; this batch is done below
+            session.execute(
+                insert(BulkInsertRange), [{"first_id": a, "last_id": b} for a, b in ranges]
+            )
+        elif defer_search_index:  # the search trigger skips this transaction's rows
+            session.execute(text("SELECT set_config('sqllm.defer_search_index', 'on', true)"))
+        if defer_search_index:
+            search_index.defer(session, ranges)
+        insert_rows(session, RawCall, rows, ids=ids)
+        if sqlite:
+            for first, last in ranges:
+                rollups.add_range(session, first, last)
+                if not defer_search_index:
+                    search_index.index_range(session, first, last)
+            session.execute(
+                delete(BulkInsertRange).where(BulkInsertRange.first_id.in_([a for a, _ in ranges]))
+            )
+        elif defer_search_index:
+            session.execute(text("SELECT set_config('sqllm.defer_search_index', 'off', true)"))
+        rollups.merge_latencies(session, rows)
+        return ids
 
     def get(self, call_id: int) -> RawCall | None:
         """The call with this id, or None."""
@@ -61,7 +102,10 @@ class RawCallRepository:
         )
 
     def count(self, filters: CallFilters = NO_FILTERS) -> int:
-        """How many calls match."""
+        """How many calls match (from the hourly rollups where they can answer)."""
+        counted = rollup_read.count(self.session, filters)
+        if counted is not None:
+            return counted
         stmt = select(func.count()).select_from(RawCall).where(*filters.conditions())
         return int(self.session.scalar(stmt) or 0)
 
@@ -93,6 +137,16 @@ class RawCallRepository:
     ) -> list[CallStats]:
         """Aggregates per UTC minute/hour/day/week bucket, optionally per provider or model."""
         return aggregates.time_buckets(self.session, filters, bucket, by)
+
+    def stats_frame(
+        self,
+        filters: CallFilters = NO_FILTERS,
+        by: tuple[str, ...] = (),
+        bucket: Bucket = "hour",
+    ) -> pd.DataFrame:
+        """The aggregates grouped by `by` (of "bucket", "provider", "model") as a frame
+        with one column per `CallStats` field (see `aggregates.stats_frame`)."""
+        return aggregates.stats_frame(self.session, filters, by, bucket)
 
     def search(
         self, text: str, filters: CallFilters = NO_FILTERS, limit: int = 50

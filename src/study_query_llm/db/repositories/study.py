@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -18,17 +18,18 @@ from sqlalchemy import (
     case,
     cast,
     column,
-    distinct,
     func,
     literal,
     literal_column,
     select,
     text,
+    union_all,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import UserDefinedType
 
+from study_query_llm.db import rollup_read
 from study_query_llm.db.filters import CallFilters
 from study_query_llm.db.models_v2 import EmbeddingVector, Group, GroupMember, RawCall
 
@@ -100,49 +101,53 @@ class StudyQueries:
 
     def distinct_counts(self, filters: CallFilters) -> tuple[int, int]:
         """How many distinct providers and (provider, model) pairs the matching calls use."""
-        row = self.session.execute(
-            select(
-                func.count(distinct(RawCall.provider)),
-                func.count(distinct(RawCall.provider + "/" + RawCall.model)),
-            ).where(*filters.conditions())
-        ).one()
-        return int(row[0]), int(row[1])
+        pairs = self.targets(filters)
+        return len({provider for provider, _ in pairs}), len(pairs)
+
+    def targets(self, filters: CallFilters) -> list[tuple[str, str]]:
+        """The distinct (provider, model) pairs of the matching calls, in the database's
+        order. From the hourly rollups where they can answer (see `rollup_read`)."""
+        pairs = rollup_read.keys(self.session, filters)
+        if pairs is None:
+            stmt = select(RawCall.provider, RawCall.model).where(*filters.conditions()).distinct()
+            pairs = {(provider, model) for provider, model in self.session.execute(stmt)}
+        rank = rollup_read.collation_rank(self.session, [s for pair in pairs for s in pair])
+        return sorted(pairs, key=lambda pair: (rank[pair[0]], rank[pair[1]]))
 
     def facets(self, filters: CallFilters = CallFilters()) -> dict[str, list[str]]:
         """The providers and models of the matching calls (for filter choices)."""
-        conditions = filters.conditions()
-        providers = self.session.scalars(
-            select(RawCall.provider).where(*conditions).distinct().order_by(RawCall.provider)
-        )
-        models = self.session.scalars(
-            select(RawCall.model).where(*conditions).distinct().order_by(RawCall.model)
-        )
-        return {"providers": list(providers), "models": list(models)}
+        pairs = self.targets(filters)
+        rank = rollup_read.collation_rank(self.session, [s for pair in pairs for s in pair])
+        providers = sorted({provider for provider, _ in pairs}, key=rank.__getitem__)
+        models = sorted({model for _, model in pairs}, key=rank.__getitem__)
+        return {"providers": providers, "models": models}
 
     def latency_samples(self, filters: CallFilters, per_model: int = 2000) -> list[tuple[Any, ...]]:
-        """Up to `per_model` newest successful latencies per (provider, model), for box plots."""
-        ranked = (
-            select(
-                RawCall.provider,
-                RawCall.model,
-                RawCall.latency_ms,
-                func.row_number()
-                .over(
-                    partition_by=(RawCall.provider, RawCall.model),
-                    order_by=(RawCall.created_at.desc(), RawCall.id.desc()),
+        """Up to `per_model` newest successful latencies per (provider, model), for box plots.
+
+        One query: per (provider, model), a walk down the (provider, model, created_at)
+        index that stops after `per_model` rows, rather than ranking every matching call.
+        """
+        pairs = self.targets(replace(filters, status=None))
+        if not pairs or filters.status not in (None, "success"):
+            return []
+        parts = []
+        for provider, model in pairs:
+            newest = (
+                select(RawCall.provider, RawCall.model, RawCall.latency_ms)
+                .where(
+                    *filters.conditions(),
+                    RawCall.provider == provider,
+                    RawCall.model == model,
+                    RawCall.status == "success",
+                    RawCall.latency_ms.is_not(None),
                 )
-                .label("n"),
+                .order_by(RawCall.created_at.desc(), RawCall.id.desc())
+                .limit(per_model)
+                .subquery()
             )
-            .where(*filters.conditions(), RawCall.latency_ms.is_not(None))
-            .where(RawCall.status == "success")
-            .subquery()
-        )
-        stmt = (
-            select(ranked.c.provider, ranked.c.model, ranked.c.latency_ms)
-            .where(ranked.c.n <= per_model)
-            .order_by(ranked.c.provider, ranked.c.model)
-        )
-        return [tuple(row) for row in self.session.execute(stmt)]
+            parts.append(select(newest))
+        return [tuple(row) for row in self.session.execute(union_all(*parts))]
 
     def group_stats(
         self,

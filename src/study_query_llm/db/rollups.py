@@ -1,0 +1,537 @@
+"""Hourly rollups of `raw_calls` (`call_rollup`): kept exact on insert, read by the aggregates.
+
+A cell is one UTC hour and one (provider, model, modality, status). It holds counts and
+sums (calls; non-null counts and sums of latency and of each token column; cost) and the
+cell's latencies, sorted, as little-endian float64 bytes. Any set of whole cells
+answers counts, sums, means and *exact* percentiles: the latencies of the cells are
+merged and the order statistics picked exactly as the base-table SQL does (see
+`percentile`).
+
+Keeping them in step, in the inserting transaction:
+- PostgreSQL: a statement-level INSERT trigger upserts the counts and sums of every
+  INSERT or COPY (migration 0005).
+- SQLite: a row-level INSERT trigger does the same for INSERTs that do not come through
+  the repository; the repository's bulk path (`RawCallRepository.add_many`) marks its
+  ids in `bulk_insert_ranges`, which the trigger skips, and upserts the whole batch with
+  one statement (`add_range`).
+- The sorted latencies are merged in by the bulk path (`merge_latencies`). A cell whose
+  latencies are behind its counts (rows that came in some other way) is detected by
+  `latencies_count != latency_count` and read from `raw_calls` instead, so answers stay
+  exact whichever way rows arrived; `repair` rewrites such cells.
+
+Rows of `raw_calls` are never updated or deleted, so a cell with the same count (and
+sum) as before holds exactly the same latencies: readers cache cells by
+(database, cell id, count, sum) in a bounded, read-only, per-process cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from study_query_llm.db.column_types import as_utc
+from study_query_llm.db.models_v2 import CallRollup, RawCall, RollupState
+
+KEYS = ("bucket", "provider", "model", "modality", "status")
+MEASURES = (
+    ("calls", "count(*)"),
+    ("latency_count", "count(latency_ms)"),
+    ("latency_sum", "coalesce(sum(latency_ms), 0.0)"),
+    ("prompt_tokens_count", "count(prompt_tokens)"),
+    ("prompt_tokens_sum", "coalesce(sum(prompt_tokens), 0)"),
+    ("completion_tokens_count", "count(completion_tokens)"),
+    ("completion_tokens_sum", "coalesce(sum(completion_tokens), 0)"),
+    ("total_tokens_count", "count(total_tokens)"),
+    ("total_tokens_sum", "coalesce(sum(total_tokens), 0)"),
+    ("cost_sum", "coalesce(sum(cost_usd), 0.0)"),
+)
+SQLITE_BUCKET = "substr(created_at, 1, 13) || ':00:00.000000'"
+CACHE_BYTES = 96 * 2**20  # cached latencies per process (5M calls are 40 MB)
+_HOUR = timedelta(hours=1)
+log = logging.getLogger(__name__)
+
+_EMPTY = np.empty(0, dtype="<f8")
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The UTC hour `moment` falls in (the `bucket` of its cell)."""
+    return as_utc(moment).replace(minute=0, second=0, microsecond=0)
+
+
+def pack(values: np.ndarray) -> bytes:
+    """Sorted latencies as stored: little-endian float64 bytes."""
+    return np.ascontiguousarray(values, dtype="<f8").tobytes()
+
+
+def unpack(blob: bytes | None) -> np.ndarray:
+    """Stored latencies back as a (read-only) float64 array."""
+    if not blob:
+        return _EMPTY
+    return np.frombuffer(blob, dtype="<f8")
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def add_range(session: Session, first_id: int, last_id: int) -> None:
+    """Add the counts and sums of the calls with ids in [first_id, last_id] (SQLite's bulk
+    path; on PostgreSQL the insert trigger does this)."""
+    columns = ", ".join([*KEYS, *(name for name, _ in MEASURES)])
+    aggregates = ", ".join(expr for _, expr in MEASURES)
+    updates = ", ".join(f"{name} = cell.{name} + excluded.{name}" for name, _ in MEASURES)
+    session.execute(
+        text(
+            f"INSERT INTO call_rollup AS cell ({columns}) "
+            f"SELECT {SQLITE_BUCKET}, provider, model, modality, status, {aggregates} "
+            "FROM raw_calls WHERE id BETWEEN :first AND :last "
+            "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
+            f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET {updates}"
+        ),
+        {"first": first_id, "last": last_id},
+    )
+
+
+def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (hour_of(row["created_at"]), row["provider"], row["model"], row["modality"])
+
+
+def merge_latencies(session: Session, rows: Iterable[dict[str, Any]]) -> None:
+    """Merge the latencies of just-inserted `rows` into their cells' sorted latencies.
+
+    Call after the rows are in (and their counts rolled up). A cell whose stored
+    latencies were already behind is rebuilt from `raw_calls` instead.
+    """
+    added: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    for row in rows:
+        latency = row.get("latency_ms")
+        if latency is not None:
+            added[(*_cell_key(row), row["status"])].append(float(latency))
+    if not added:
+        return
+    hours = sorted({key[0] for key in added})
+    cells = []
+    for first in range(0, len(hours), 500):
+        cells += session.execute(
+            select(
+                CallRollup.id,
+                CallRollup.bucket,
+                CallRollup.provider,
+                CallRollup.model,
+                CallRollup.modality,
+                CallRollup.status,
+                CallRollup.latency_count,
+                CallRollup.latencies_count,
+            ).where(CallRollup.bucket.in_(hours[first : first + 500]))
+        ).all()
+    touched = [cell for cell in cells if tuple(cell[1:6]) in added]
+    touched.sort(key=lambda cell: cell.id)  # update in id order: no deadlocks between writers
+    blobs: dict[int, bytes | None] = {}
+    for first in range(0, len(touched), 1000):
+        ids = [cell.id for cell in touched[first : first + 1000]]
+        found = session.execute(
+            select(CallRollup.id, CallRollup.latencies).where(CallRollup.id.in_(ids))
+        )
+        blobs.update((int(cell_id), blob) for cell_id, blob in found)
+    updates = []
+    for cell in touched:
+        new = np.sort(np.asarray(added[tuple(cell[1:6])], dtype="<f8"), kind="stable")
+        if cell.latencies_count == cell.latency_count - len(new):
+            merged = np.sort(np.concatenate([unpack(blobs.get(cell.id)), new]), kind="stable")
+        else:  # behind (rows inserted some other way): read the whole cell
+            merged = _cell_latencies(session, *cell[1:6])
+        updates.append({"cell": cell.id, "blob": pack(merged), "n": len(merged)})
+    if updates:
+        session.execute(
+            text("UPDATE call_rollup SET latencies = :blob, latencies_count = :n WHERE id = :cell"),
+            updates,
+        )
+
+
+def _cell_latencies(
+    session: Session, bucket: datetime, provider: str, model: str, modality: str, status: str
+) -> np.ndarray:
+    """A cell's latencies, sorted, read from `raw_calls`."""
+    start = hour_of(bucket)
+    values = session.scalars(
+        select(RawCall.latency_ms).where(
+            RawCall.provider == provider,
+            RawCall.model == model,
+            RawCall.created_at >= start,
+            RawCall.created_at < start + _HOUR,
+            RawCall.modality == modality,
+            RawCall.status == status,
+            RawCall.latency_ms.is_not(None),
+        )
+    ).all()
+    return np.sort(np.asarray(values, dtype="<f8"), kind="stable")
+
+
+def repair(engine: Engine) -> int:
+    """Rewrite the stored latencies of every cell that is behind its counts; returns how
+    many cells were rewritten (0 when everything arrived through the bulk path)."""
+    from study_query_llm.db.connection import UnitOfWork
+
+    repaired = 0
+    with UnitOfWork(engine, write=True) as uow:
+        stale = uow.session.execute(
+            select(*(getattr(CallRollup, k) for k in ("id", *KEYS))).where(
+                CallRollup.latencies_count != CallRollup.latency_count
+            )
+        ).all()
+        for cell in stale:
+            values = _cell_latencies(uow.session, *cell[1:])
+            uow.session.execute(
+                text(
+                    "UPDATE call_rollup SET latencies = :blob, latencies_count = :n WHERE id = :id"
+                ),
+                {"blob": pack(values), "n": len(values), "id": cell.id},
+            )
+            repaired += 1
+        uow.commit()
+    return repaired
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Rollup cells of one database as read-only columns, ordered by hour.
+
+    Cell i covers hour `epoch[i]` (seconds since 1970, UTC); its sorted latencies are
+    ``values[starts[i] : starts[i] + lengths[i]]``. `versions` maps each hour to the
+    (calls, latencies, cells) totals its cells were read at.
+    """
+
+    versions: dict[int, tuple[int, int, int]]
+    epoch: np.ndarray
+    provider: np.ndarray
+    model: np.ndarray
+    modality: np.ndarray
+    status: np.ndarray
+    measures: dict[str, np.ndarray]
+    starts: np.ndarray
+    lengths: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def hour_slices(self) -> dict[int, tuple[int, int]]:
+        """Each hour's [first, last) cell positions."""
+        if not len(self):
+            return {}
+        hours, first = np.unique(self.epoch, return_index=True)
+        last = np.append(first[1:], len(self))
+        return {int(h): (int(a), int(b)) for h, a, b in zip(hours, first, last, strict=True)}
+
+    def take(self, index: np.ndarray) -> Snapshot:
+        """The cells at `index` (positions, in order), with their latencies copied out."""
+        lengths = self.lengths[index]
+        starts = np.zeros(len(index), dtype="int64")
+        if len(index):
+            np.cumsum(lengths[:-1], out=starts[1:])
+        return Snapshot(
+            versions={},
+            epoch=self.epoch[index],
+            provider=self.provider[index],
+            model=self.model[index],
+            modality=self.modality[index],
+            status=self.status[index],
+            measures={k: v[index] for k, v in self.measures.items()},
+            starts=starts,
+            lengths=lengths,
+            values=self.values[_ranges(self.starts[index], lengths)],
+        )
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] ... starts[i] + lengths[i] - 1`` of every i, in order."""
+    total = int(lengths.sum())
+    if not total:
+        return np.empty(0, dtype="int64")
+    ends = np.cumsum(lengths)
+    offsets = np.repeat(starts - (ends - lengths), lengths)
+    return offsets + np.arange(total, dtype="int64")
+
+
+def _concat(parts: Sequence[Snapshot], versions: dict[int, tuple[int, int, int]]) -> Snapshot:
+    lengths = np.concatenate([p.lengths for p in parts]) if parts else np.empty(0, "int64")
+    starts = np.zeros(len(lengths), dtype="int64")
+    if len(lengths):
+        np.cumsum(lengths[:-1], out=starts[1:])
+
+    def cat(name: str, dtype: str) -> np.ndarray:
+        arrays = [getattr(p, name) for p in parts]
+        return np.concatenate(arrays) if arrays else np.empty(0, dtype=dtype)
+
+    return Snapshot(
+        versions=versions,
+        epoch=cat("epoch", "int64"),
+        provider=cat("provider", "object"),
+        model=cat("model", "object"),
+        modality=cat("modality", "object"),
+        status=cat("status", "object"),
+        measures={
+            name: np.concatenate([p.measures[name] for p in parts])
+            if parts
+            else np.empty(0, "float64")
+            for name, _ in MEASURES
+        },
+        starts=starts,
+        lengths=lengths,
+        values=np.concatenate([p.values for p in parts]) if parts else _EMPTY,
+    )
+
+
+class RollupMirror:
+    """The rollup cells of each database in memory, refreshed hour by hour (a bounded,
+    read-only, process-wide cache shared by every session).
+
+    Each query asks the database for the totals of `call_rollup` (one cheap aggregate);
+    if they changed, for every hour's totals (one small GROUP BY), and hours whose totals
+    differ from the cached ones are read again, the rest is reused. Rows are never
+    updated or deleted, so counts only grow, and an hour with the same totals holds
+    exactly the same calls. Only databases whose latencies fit the budget are kept
+    (least recently used first out); a larger one is read afresh, hour range by hour
+    range, on every query.
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._snapshots.clear()
+
+    def snapshot(
+        self, session: Session, start: datetime | None = None, end: datetime | None = None
+    ) -> Snapshot:
+        """Every cell as this session sees them (ordered by hour). A database too big for
+        the budget is not kept: then only the hours in [start, end) are read."""
+        database = instance(session)
+        with self._lock:
+            current = self._snapshots.get(database)
+            if current is not None:
+                self._snapshots.move_to_end(database)
+        if current is not None and _totals(session) == _totals_of(current.versions):
+            return current  # counts only grow: the same totals mean nothing changed
+        versions = _hour_versions(session)
+        if current is not None and current.versions == versions:
+            return current
+        if sum(v[1] for v in versions.values()) * 8 > self.max_bytes:
+            return _read_hours(session, _hours_between(versions, start, end))
+        current = self._refresh(session, current, versions)
+        with self._lock:
+            self._snapshots[database] = current
+            self._snapshots.move_to_end(database)
+            while len(self._snapshots) > 1 and self._bytes() > self.max_bytes:
+                self._snapshots.popitem(last=False)
+        return current
+
+    def _bytes(self) -> int:
+        return sum(s.values.nbytes for s in self._snapshots.values())
+
+    @staticmethod
+    def _refresh(
+        session: Session, current: Snapshot | None, versions: dict[int, tuple[int, int, int]]
+    ) -> Snapshot:
+        """`current` with the hours whose totals changed read again."""
+        if current is None:
+            fresh = _read_hours(session, None)
+            return replace(fresh, versions=_versions_of(fresh))
+        changed = {h for h, v in versions.items() if current.versions.get(h) != v}
+        fresh = _read_hours(session, sorted(changed))
+        keep = np.nonzero(np.isin(current.epoch, [h for h in versions if h not in changed]))[0]
+        merged = _concat([current.take(keep), fresh], {})
+        if len(merged) and np.any(np.diff(merged.epoch) < 0):
+            merged = merged.take(np.argsort(merged.epoch, kind="stable"))
+        merged.values.flags.writeable = False
+        return replace(merged, versions=_versions_of(merged))
+
+
+def _versions_of(snapshot: Snapshot) -> dict[int, tuple[int, int, int]]:
+    """Each hour's (calls, latencies, cells) totals, computed from the cells themselves."""
+    result = {}
+    for hour, (a, b) in snapshot.hour_slices().items():
+        result[hour] = (
+            int(snapshot.measures["calls"][a:b].sum()),
+            int(snapshot.measures["latency_count"][a:b].sum()),
+            b - a,
+        )
+    return result
+
+
+def _hours_between(
+    versions: dict[int, tuple[int, int, int]], start: datetime | None, end: datetime | None
+) -> list[int]:
+    lo = -(2**62) if start is None else int(start.timestamp())
+    hi = 2**62 if end is None else int(end.timestamp())
+    return sorted(h for h in versions if lo <= h < hi)
+
+
+def _epoch_sql(dialect: str, column: str) -> str:
+    if dialect == "postgresql":
+        return f"CAST(extract(epoch FROM {column}) AS BIGINT)"
+    return f"CAST(strftime('%s', {column}) AS INTEGER)"
+
+
+def _totals(session: Session) -> tuple[int, int, int]:
+    """(calls, latencies, cells) over all of `call_rollup`: one cheap aggregate."""
+    row = session.execute(
+        text(
+            "SELECT coalesce(sum(calls), 0), coalesce(sum(latency_count), 0), count(*) "
+            "FROM call_rollup"
+        )
+    ).one()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _totals_of(versions: dict[int, tuple[int, int, int]]) -> tuple[int, int, int]:
+    return (
+        sum(v[0] for v in versions.values()),
+        sum(v[1] for v in versions.values()),
+        sum(v[2] for v in versions.values()),
+    )
+
+
+def _hour_versions(session: Session) -> dict[int, tuple[int, int, int]]:
+    """Every hour's (calls, latencies, cells) totals in `call_rollup`."""
+    epoch = _epoch_sql(session.get_bind().dialect.name, "bucket")
+    rows = session.execute(
+        text(
+            f"SELECT {epoch}, sum(calls), sum(latency_count), count(*) FROM call_rollup "
+            "GROUP BY bucket"
+        )
+    )
+    return {int(h): (int(c), int(n), int(k)) for h, c, n, k in rows}
+
+
+_CELL_COLUMNS = ("provider", "model", "modality", "status", *(name for name, _ in MEASURES))
+
+
+def _read_hours(session: Session, hours: Sequence[int] | None) -> Snapshot:
+    """The cells of these hours (all when None) with their latencies, ordered by hour."""
+    dialect = session.get_bind().dialect.name
+    epoch = _epoch_sql(dialect, "bucket")
+    columns = ", ".join(_CELL_COLUMNS)
+    sql = (
+        f"SELECT {epoch}, {columns}, latencies_count, latencies FROM call_rollup "
+        "{where} ORDER BY bucket, id"
+    )
+    rows: list[Any] = []
+    if hours is not None and not hours:
+        rows = []
+    elif dialect == "postgresql":
+        connection = session.connection().connection.driver_connection
+        with connection.cursor(binary=True) as cursor:  # type: ignore[union-attr]
+            if hours is None:
+                cursor.execute(sql.format(where=""))
+            else:
+                cursor.execute(sql.format(where=f"WHERE {epoch} = ANY(%s)"), [list(hours)])
+            rows = cursor.fetchall()
+    else:
+        if hours is None:
+            rows = session.connection().exec_driver_sql(sql.format(where="")).all()
+        else:
+            for first in range(0, len(hours), 500):
+                part = list(hours[first : first + 500])
+                marks = ", ".join("?" for _ in part)
+                rows += (
+                    session.connection()
+                    .exec_driver_sql(sql.format(where=f"WHERE {epoch} IN ({marks})"), tuple(part))
+                    .all()
+                )
+    n_columns = 1 + len(_CELL_COLUMNS) + 2
+    columns_of = list(zip(*rows, strict=True)) if rows else [() for _ in range(n_columns)]
+    epochs = np.asarray(columns_of[0], dtype="int64")
+    named = dict(zip(_CELL_COLUMNS, columns_of[1:], strict=False))
+    measures = {
+        name: np.asarray(
+            named[name], dtype="float64" if name in ("latency_sum", "cost_sum") else "int64"
+        )
+        for name, _ in MEASURES
+    }
+    counts = measures["latency_count"]
+    stored = columns_of[-2]
+    blobs = columns_of[-1]
+    arrays = []
+    for i in range(len(rows)):
+        if not counts[i]:
+            arrays.append(_EMPTY)
+        elif stored[i] == counts[i] and blobs[i] is not None:
+            arrays.append(np.frombuffer(blobs[i], dtype="<f8"))
+        else:  # behind its counts: read the cell from raw_calls
+            arrays.append(
+                _cell_latencies(
+                    session,
+                    datetime.fromtimestamp(int(epochs[i]), UTC),
+                    named["provider"][i],
+                    named["model"][i],
+                    named["modality"][i],
+                    named["status"][i],
+                )
+            )
+    lengths = np.fromiter((len(a) for a in arrays), dtype="int64", count=len(arrays))
+    starts = np.zeros(len(arrays), dtype="int64")
+    if len(arrays):
+        np.cumsum(lengths[:-1], out=starts[1:])
+    values = np.concatenate(arrays) if arrays else _EMPTY
+    values.flags.writeable = False
+    return Snapshot(
+        versions={},
+        epoch=epochs,
+        provider=np.asarray(named["provider"], dtype=object),
+        model=np.asarray(named["model"], dtype=object),
+        modality=np.asarray(named["modality"], dtype=object),
+        status=np.asarray(named["status"], dtype=object),
+        measures=measures,
+        starts=starts,
+        lengths=lengths,
+        values=values,
+    )
+
+
+MIRROR = RollupMirror()
+_warming: set[str] = set()
+_warming_lock = threading.Lock()
+
+
+def warm_up(engine: Engine) -> None:
+    """Read the rollups of `engine`'s database into `MIRROR` in a background thread, once
+    per database per process, so that the first dashboard query finds them there. Any
+    error is left to the first real query to report."""
+    key = engine.url.render_as_string(hide_password=True)
+    with _warming_lock:
+        if key in _warming:
+            return
+        _warming.add(key)
+
+    def read() -> None:
+        from study_query_llm.db.connection import UnitOfWork
+
+        try:
+            with UnitOfWork(engine) as uow:
+                MIRROR.snapshot(uow.session)
+        except Exception:  # e.g. not migrated yet: the first real query will say so
+            log.debug("warming the rollup cache failed", exc_info=True)
+
+    threading.Thread(target=read, name="rollup-warm-up", daemon=True).start()
+
+
+def instance(session: Session) -> str:
+    """This database's name for the cache: its URL and the token in `rollup_state`."""
+    token = session.scalar(select(RollupState.instance).where(RollupState.id == 1)) or ""
+    url = session.get_bind().url.render_as_string(hide_password=True)
+    return f"{url}#{token}"
