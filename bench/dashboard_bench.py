@@ -1,0 +1,180 @@
+"""Dashboard on a big database: the Analytics tab's first complete render, and server memory.
+
+    .venv/bin/python bench/dashboard_bench.py              # the default SQLite and PostgreSQL DBs
+    .venv/bin/python bench/dashboard_bench.py --db sqlite --runs 5
+
+Serves the dashboard (``python -m panel_app`` on a free port, ``DATABASE_URL`` = the big
+database, nothing else from the environment) and drives it with Chromium through
+Playwright. Each run opens a fresh page (a new browser session), waits until the page
+and its sidebar choices (providers, models, groups) are loaded, clicks the Analytics tab
+and measures until the summary cards show numbers, the provider/model chart, the
+time-series charts and the latency chart are drawn, and the first row of recent calls is
+visible. The first run is also the first time the server reads the database; the median
+is over every run.
+
+The server's resident memory (RSS, from /proc) is read with the last session still open,
+and its peak (VmHWM) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    database_exists,
+    default_url,
+    load_average,
+    machine_facts,
+    markdown_table,
+    resolve_url,
+    show_url,
+)
+from playwright.sync_api import Page, expect, sync_playwright
+
+from study_query_llm.testing.dashboard import served_dashboard
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 120_000
+# What "complete" means: every part of the tab shows data.
+READY = [
+    ".sqllm-summary .sqllm-card-calls",
+    ".sqllm-compare-charts canvas",
+    ".sqllm-timeseries canvas",
+    ".sqllm-latency canvas",
+    ".sqllm-recent-calls .tabulator-row",
+]
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in KiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def tab(page: Page, title: str) -> Any:
+    return page.locator(".bk-tab", has_text=re.compile(rf"^\s*{re.escape(title)}\s*$"))
+
+
+def one_run(page: Page, url: str) -> tuple[float, float]:
+    """(page ready s, Analytics complete s) for a fresh page."""
+    start = time.perf_counter()
+    page.goto(url + "/")
+    expect(tab(page, "Analytics")).to_be_visible(timeout=TIMEOUT_MS)
+    # the sidebar's choices have loaded once the group list has more than "(all)"
+    expect(page.locator(".sqllm-f-group select option")).not_to_have_count(1, timeout=TIMEOUT_MS)
+    loaded = time.perf_counter() - start
+    start = time.perf_counter()
+    tab(page, "Analytics").click()
+    seen = []
+    for selector in READY:
+        expect(page.locator(selector).first).to_be_visible(timeout=TIMEOUT_MS)
+        seen.append(f"{selector.split()[0][7:]} {time.perf_counter() - start:.1f}")
+    expect(page.locator(".sqllm-summary .sqllm-card-calls").first).to_contain_text(
+        re.compile(r"\d"), timeout=TIMEOUT_MS
+    )
+    print("  visible after (s): " + ", ".join(seen), flush=True)
+    return loaded, time.perf_counter() - start
+
+
+def bench(url: str, runs: int) -> list[Any]:
+    print(f"### {show_url(url)}\n", flush=True)
+    with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as workdir:
+        served = served_dashboard(Path(workdir), {"DATABASE_URL": url}, startup_timeout_s=300)
+        with served as dashboard, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            errors: list[str] = []
+            loads, renders = [], []
+            rss_open = 0
+            load = load_average()
+            page = None
+            for _ in range(runs):
+                if page is not None:
+                    page.close()
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                loaded, rendered = one_run(page, dashboard.url)
+                loads.append(loaded)
+                renders.append(rendered)
+                rss_open = memory_kib(dashboard.process.pid)["VmRSS"]
+                print(
+                    f"page ready {loaded:.2f} s, Analytics complete {rendered:.2f} s, "
+                    f"server RSS {rss_open / 1024:.0f} MiB",
+                    flush=True,
+                )
+            peak = memory_kib(dashboard.process.pid)["VmHWM"]
+            browser.close()
+    return [
+        f"{renders[0]:.2f}",
+        f"**{statistics.median(renders):.2f}**",
+        f"{statistics.median(loads):.2f}",
+        f"**{rss_open / 1024:.0f}**",
+        f"{peak / 1024:.0f}",
+        str(len(errors)),
+        load,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--db",
+        action="append",
+        help="database URL, or 'sqlite' / 'postgres' (default: both default databases)",
+    )
+    parser.add_argument("--runs", type=int, default=5, help="page loads (fresh sessions)")
+    args = parser.parse_args(argv)
+    urls = [resolve_url(d) for d in args.db] if args.db else []
+    if not urls:
+        urls = [default_url(k) for k in ("sqlite", "postgres") if database_exists(default_url(k))]
+        if not urls:
+            print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
+            return 2
+    print("## dashboard_bench.py")
+    for line in machine_facts():
+        print(f"- {line}")
+    print(f"- {args.runs} fresh sessions per database; Chromium {CHROMIUM}\n")
+    rows = []
+    for url in urls:
+        rows.append([show_url(url), *bench(url, args.runs)])
+    print()
+    print(
+        markdown_table(
+            [
+                "database",
+                "first Analytics render s",
+                "median render s",
+                "page ready s (median)",
+                "server RSS, session open (MiB)",
+                "server peak RSS (MiB)",
+                "page errors",
+                "load avg",
+            ],
+            rows,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
