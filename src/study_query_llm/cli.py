@@ -96,6 +96,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from .ops_commands import add_auth_parser, add_backup_arguments
 
     add_backup_arguments(db.add_parser("backup", help="copy the SQLite database, even in use"))
+    db.add_parser(
+        "catch-up",
+        help="index search text a bulk load deferred; bring rollup latencies up to date",
+    )
     add_auth_parser(sub)
     from .legacy_commands import add_import_arguments
 
@@ -356,6 +360,10 @@ async def _db(args: argparse.Namespace, settings: Settings) -> int:
         from .ops_commands import run_backup
 
         return await run_backup(args, settings)
+    if args.db_command == "catch-up":
+        from .ops_commands import run_catch_up
+
+        return await asyncio.to_thread(run_catch_up, settings)
     if args.db_command == "import-v1":
         from .legacy_commands import IMPORT_INTERRUPTED, run_guarded, run_import
 

@@ -361,3 +361,46 @@ def test_search_ranks_the_most_recent_matches(
         assert {h.call_id for h in hits} <= set(ids[-5:])  # the best of the newest five
         assert [h.rank for h in hits] == sorted((h.rank for h in hits), reverse=True)
         assert len(uow.calls.search("wombat", limit=12)) == 12  # never fewer than asked
+
+
+def test_catch_up_command_indexes_deferred_text_and_repairs_rollups(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from study_query_llm.cli import main as cli_main
+
+    url = f"sqlite:///{tmp_path / 'bulk.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", url)
+    migrate.upgrade(url)
+    engine = get_engine(url)
+    calls = make_calls(40, seed=9)
+    with UnitOfWork(engine) as uow:
+        uow.calls.add_many(calls, defer_search_index=True)
+        uow.commit()
+    with engine.begin() as conn:  # a plain INSERT: its cell's latencies fall behind
+        conn.execute(
+            RawCall.__table__.insert().values(
+                provider="openai",
+                model="gpt-4o",
+                modality="chat",
+                status="success",
+                request_json={"prompt": "wombat by hand"},
+                latency_ms=12.5,
+                created_at=T0,
+            )
+        )
+
+    assert cli_main(["db", "catch-up"]) == 0
+    out = capsys.readouterr().out
+    assert "search text of 40 calls indexed (40 were waiting); 1 rollup cells" in out
+    with UnitOfWork(engine) as uow:
+        assert search_index.pending(uow.session) == 0
+        stale = uow.session.scalar(
+            select(func.count()).where(CallRollup.latencies_count != CallRollup.latency_count)
+        )
+        assert stale == 0
+    check_everything(engine)
+    assert cli_main(["db", "catch-up"]) == 0  # nothing left: a no-op
+    assert "search text of 0 calls indexed (0 were waiting); 0 rollup cells" in (
+        capsys.readouterr().out
+    )

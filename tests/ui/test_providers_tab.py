@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pandas as pd
 import pytest
 from playwright.sync_api import Page, expect
 from ui_helpers import open_tab, screenshot, text_of
@@ -104,3 +105,15 @@ def test_a_group_is_defined_in_the_dashboard_and_bad_ones_are_refused(page: Page
     page.locator(".sqllm-group-delete button").click()
     expect(page.locator(".sqllm-group-message")).to_contain_text("Deleted group trio")
     expect(page.locator(".sqllm-provider-groups")).not_to_contain_text("trio")
+
+
+def test_provider_tables_download_as_csv(page: Page) -> None:
+    open_tab(page, "Providers")
+    expect(page.locator(".sqllm-providers-table")).to_contain_text("group:edge")
+    exports = page.locator(".sqllm-export")
+    expect(exports).to_have_count(5)  # providers, models, groups, health, prices
+    with page.expect_download() as download:
+        exports.first.locator(".sqllm-export-csv button, .sqllm-export-csv a").first.click()
+    frame = pd.read_csv(download.value.path(), encoding="utf-8-sig")
+    assert "group:edge" in set(frame.astype(str).stack())
+    assert download.value.suggested_filename.startswith("providers")

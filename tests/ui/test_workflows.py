@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import pandas as pd
 import pytest
 from playwright.sync_api import Page, expect
 from ui_helpers import choose_group, choose_mock_embeddings, open_tab, run_prompt, screenshot
@@ -93,3 +94,15 @@ def test_embeddings_map_and_find_similar(page: Page) -> None:
     expect(results.locator("tbody tr")).to_have_count(10)
     expect(results).to_contain_text("Mock answer about")
     screenshot(page, "embeddings-similar")
+
+    # Both the map's points and the similar calls download as tables.
+    exports = page.locator(".sqllm-export")
+    expect(exports).to_have_count(2)
+    with page.expect_download() as points_download:
+        exports.nth(0).locator(".sqllm-export-csv button, .sqllm-export-csv a").first.click()
+    points = pd.read_csv(points_download.value.path(), encoding="utf-8-sig")
+    assert {"call_id", "x", "y"} <= set(points.columns) and len(points) > 10
+    with page.expect_download() as similar_download:
+        exports.nth(1).locator(".sqllm-export-csv button, .sqllm-export-csv a").first.click()
+    similar = pd.read_csv(similar_download.value.path(), encoding="utf-8-sig")
+    assert len(similar) == 10 and "similarity" in similar.columns

@@ -42,6 +42,7 @@ from study_query_llm.providers.local_minilm import MODEL_ID as MINILM_MODEL
 from study_query_llm.providers.registry import ProviderSpec, supporting
 from study_query_llm.services.recorder import RecordingError
 
+from ..export import download_buttons
 from ..safe import escape
 from ..state import AppState, describe_error, notify
 
@@ -192,6 +193,7 @@ class EmbeddingsView(pn.viewable.Viewer):
         self._k = pn.widgets.IntInput(name="Neighbours", value=10, start=1, end=100, width=100)
         self._find = pn.widgets.Button(name="Find similar", width=140)
         self._find.on_click(self._on_find)
+        self._hits = pd.DataFrame()  # the last "find similar" answer, for its export
         self._results = pn.pane.HTML(
             "",
             sizing_mode="stretch_width",
@@ -483,6 +485,7 @@ class EmbeddingsView(pn.viewable.Viewer):
             return
         finally:
             self._find.loading = False
+        self._hits = hits
         self._results.object = self._results_html(text, hits)
         if not result[0].cached:
             self._recorded()
@@ -521,6 +524,10 @@ class EmbeddingsView(pn.viewable.Viewer):
             await self._load_groups()
         return self._layout()
 
+    def _points_frame(self) -> pd.DataFrame:
+        """The map's points (coordinates, call, group, target, text) for export."""
+        return self.points if self.points is not None else pd.DataFrame()
+
     def _layout(self) -> pn.Column:
         return pn.Column(
             pn.pane.Markdown("### Embeddings"),
@@ -530,9 +537,11 @@ class EmbeddingsView(pn.viewable.Viewer):
             self._progress,
             self._status,
             self._map(),
+            download_buttons(self._points_frame, "embedding-map"),
             pn.pane.Markdown("### Find similar"),
             pn.Row(self._query_input, self._k, self._find, sizing_mode="stretch_width"),
             self._results,
+            download_buttons(lambda: self._hits, "similar-calls"),
             sizing_mode="stretch_width",
         )
 

@@ -30,6 +30,7 @@ from study_query_llm.providers.group import MODES, STRATEGIES, group_status, par
 from study_query_llm.providers.health import check_health
 from study_query_llm.providers.registry import SPECS, configured, group_specs
 
+from ..export import download_buttons
 from ..safe import escape
 from ..state import AppState, describe_error, notify
 
@@ -513,14 +514,19 @@ class ProvidersView(pn.viewable.Viewer):
             pn.pane.Markdown("### Providers"),
             *([problem] if problem else []),
             self._table,
+            download_buttons(lambda: self._table.value, "providers"),
             pn.Row(self._provider, self._test, self._list, self._relist),
             self._result,
             self._listing_note,
             self._models,
+            download_buttons(lambda: self._models.value, "models"),
             pn.pane.Markdown("### Provider groups"),
             self._groups_note,
             self._groups,
-            self._groups_refresh,
+            pn.Row(
+                self._groups_refresh,
+                download_buttons(lambda: self._groups.value, "provider-groups"),
+            ),
             pn.pane.Markdown("#### Define a group"),
             self._group_where,
             pn.Row(self._group_name, self._group_strategy, self._group_mode),
@@ -531,6 +537,7 @@ class ProvidersView(pn.viewable.Viewer):
             pn.Row(self._health_button, self._health_request),
             self._health_note,
             self._health,
+            download_buttons(lambda: self._health.value, "provider-health"),
             pn.pane.Markdown("### Listing rules (JMESPath)"),
             pn.pane.Markdown(
                 "Try a rule on the selected provider's live listing before configuring it.",
@@ -539,5 +546,6 @@ class ProvidersView(pn.viewable.Viewer):
             self._rule_result,
             pn.pane.Markdown("### Prices used for cost (USD per million tokens)"),
             self._prices,
+            download_buttons(lambda: self._prices.value, "prices"),
             sizing_mode="stretch_width",
         )
