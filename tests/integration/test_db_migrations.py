@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 
 from study_query_llm.db import migrate
 from study_query_llm.db.base import Base
-from study_query_llm.db.connection import UnitOfWork, get_engine
+from study_query_llm.db.connection import UnitOfWork, dispose_engine, get_engine
 from study_query_llm.db.filters import RunFilters
 from study_query_llm.db.records import NewCall, NewRun
 
@@ -141,3 +141,20 @@ def test_postgres_vectors_are_json_plus_pgvector_when_available(pg_db_url: str) 
         "ix_raw_call_search_text_prompt_text_trgm",
         "ix_raw_call_search_text_response_text_trgm",
     ]
+
+
+def test_sqlite_search_index_writes_big_segments(tmp_path) -> None:
+    """FTS5 is set to buffer a whole indexed batch and merge 8 segments at a time (its
+    defaults made bulk indexing ~40x slower); a downgrade restores the defaults."""
+    url = f"sqlite:///{tmp_path / 'fts.db'}"
+    migrate.upgrade(url)
+
+    def settings() -> dict[str, int]:
+        with get_engine(url).connect() as conn:
+            rows = conn.exec_driver_sql("SELECT k, v FROM raw_calls_fts_config").all()
+        return {k: v for k, v in rows if k in ("automerge", "hashsize")}
+
+    assert settings() == {"automerge": 8, "hashsize": 256 * 1024 * 1024}
+    migrate.downgrade(url, "0004_legacy_import")
+    assert settings() == {"automerge": 4, "hashsize": 1024 * 1024}
+    dispose_engine(url)

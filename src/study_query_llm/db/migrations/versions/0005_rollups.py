@@ -15,7 +15,8 @@
 - raw_calls loses its (status, created_at) and (modality, created_at) indexes: the
   aggregates they served now come from call_rollup, and every index costs each insert.
 - search_backlog: id ranges of calls whose search text a bulk insert chose not to index
-  yet; search scans them, `search_index.catch_up` indexes them. PostgreSQL's search
+  yet; search scans them, `search_index.catch_up` indexes them. SQLite's FTS5 index
+  writes bigger segments and merges them less often (see `FTS_HASH_BYTES`). PostgreSQL's search
   trigger skips the rows of a transaction that sets ``sqllm.defer_search_index``.
 
 Revision ID: 0005_rollups
@@ -145,6 +146,23 @@ def upgrade() -> None:
         _postgres_triggers(bind)
     else:
         _sqlite_triggers()
+        _fts_settings(automerge=8, hashsize=FTS_HASH_BYTES)
+
+
+# SQLite FTS5 keeps up to `hashsize` bytes of new index entries in memory before writing a
+# segment, and merges segments when `automerge` of them share a level. The defaults (1 MB,
+# 4) make a trigram index write and re-merge small segments all the time: indexing a
+# 1,000,000-call record ran at ~150 calls/s. With one segment per indexed batch (the
+# memory is bounded by the batch: what one transaction indexes) and merges of 8, it ran at
+# ~6,000 calls/s (bench/RESULTS.md); queries read at most a few more segments per term.
+FTS_HASH_BYTES = 256 * 1024 * 1024
+
+
+def _fts_settings(*, automerge: int, hashsize: int) -> None:
+    for name, value in (("automerge", automerge), ("hashsize", hashsize)):
+        op.execute(
+            f"INSERT INTO raw_calls_fts(raw_calls_fts, rank) VALUES ('{name}', {int(value)})"
+        )
 
 
 def downgrade() -> None:
@@ -155,6 +173,7 @@ def downgrade() -> None:
         op.execute(f"DROP FUNCTION IF EXISTS {schema}.sqllm_rollup_calls()")
         _postgres_index_function(schema, deferrable=False)
     else:
+        _fts_settings(automerge=4, hashsize=1024 * 1024)  # FTS5's defaults
         op.execute("DROP TRIGGER IF EXISTS raw_calls_rollup_insert")
         op.execute("DROP TRIGGER IF EXISTS raw_calls_fts_insert")
         op.execute(
