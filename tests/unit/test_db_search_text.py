@@ -24,7 +24,14 @@ def test_terms_split_on_any_whitespace_and_drop_case_duplicates() -> None:
     assert search_terms("Привет привет 日本語") == ("Привет", "日本語")
 
 
-@pytest.mark.parametrize("text", ["", " ", "\n\t", "\u2003\u3000"])
+def test_a_quoted_phrase_is_one_term_and_a_lone_quote_is_a_character() -> None:
+    assert search_terms('"ticket #A" open') == ("ticket #A", "open")
+    assert search_terms('say "hi  there" 5"') == ("say", "hi  there", '5"')
+    assert search_terms('"') == ('"',)
+    assert search_terms('"" x') == ('""', "x")
+
+
+@pytest.mark.parametrize("text", ["", " ", "\n\t", "\u2003\u3000", '" "'])
 def test_empty_or_blank_text_is_rejected(text: str) -> None:
     with pytest.raises(InvalidSearchError, match="empty"):
         search_terms(text)

@@ -112,7 +112,7 @@ class SearchView(pn.viewable.Viewer):
 
         self._input = pn.widgets.TextInput(
             name="Search prompts and responses",
-            placeholder="words to find (every word must occur), then Enter",
+            placeholder='words to find (every word must occur; "a phrase" in quotes), then Enter',
             sizing_mode="stretch_width",
             css_classes=["sqllm-search-input"],
         )

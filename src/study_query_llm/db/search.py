@@ -1,11 +1,12 @@
 """Full-text search over the prompt and response text of every call.
 
-What matches: the search text is split on whitespace into terms; a call matches when
-every term occurs, case-insensitively and literally, in its prompt text (all message
+What matches: the search text is split on whitespace into terms (a phrase in double
+quotes is one term, spaces included); a call matches when every term occurs,
+case-insensitively and literally, in its prompt text (all message
 contents, ``prompt``, ``system`` and ``input`` of the request) or its response text
 (``response_json.text``). Nothing the user types is interpreted: not as SQL (all values
-are bound parameters), not as FTS syntax (``NEAR``, ``OR``, ``*`` and quotes are plain
-characters), and not as LIKE wildcards (``100%`` and ``a_b`` match literally).
+are bound parameters), not as FTS syntax (``NEAR``, ``OR``, ``*`` and quotes inside a term
+are plain characters), and not as LIKE wildcards (``100%`` and ``a_b`` match literally).
 
 How: both databases expose the text as ``raw_call_search_text(id, prompt_text,
 response_text)`` — a view on SQLite, a table filled by an INSERT trigger on PostgreSQL
@@ -119,8 +120,13 @@ class SearchHit:
         return asdict(self)
 
 
+_TERM = re.compile(r'"([^"]+)"|(\S+)')
+
+
 def search_terms(text: str) -> tuple[str, ...]:
-    """The distinct whitespace-separated terms of `text`, in order.
+    """The distinct terms of `text`, in order: whitespace-separated words, or a phrase in
+    double quotes (``"ticket #A"``: one term, spaces and all). A quote without its pair
+    is an ordinary character.
 
     Raises `InvalidSearchError` for empty or whitespace-only text and for text longer
     than `MAX_QUERY_CHARS` or with more than `MAX_TERMS` terms.
@@ -132,8 +138,12 @@ def search_terms(text: str) -> tuple[str, ...]:
             f"search text is {len(text)} characters long; the limit is {MAX_QUERY_CHARS}"
         )
     terms: dict[str, str] = {}
-    for term in text.split():
-        terms.setdefault(term.lower(), term)
+    for phrase, word in _TERM.findall(text):
+        term = phrase.strip() or word
+        if term:
+            terms.setdefault(term.lower(), term)
+    if not terms:
+        raise InvalidSearchError("search text is empty: type at least one character")
     if len(terms) > MAX_TERMS:
         raise InvalidSearchError(
             f"search text has {len(terms)} distinct words; the limit is {MAX_TERMS}"
