@@ -110,17 +110,14 @@ def _processed(
     processors = [
         table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
     ]
-    if not any(processors):
-        return columns, [tuple(row[c] for c in columns) for row in rows]
-    values = []
-    for row in rows:
-        values.append(
-            tuple(
-                value if process is None or value is None else process(value)
-                for value, process in zip((row[c] for c in columns), processors, strict=True)
-            )
-        )
-    return columns, values
+    # Column by column: one pass per column instead of a generator per row and value.
+    values_by_column = []
+    for name, process in zip(columns, processors, strict=True):
+        column = [row[name] for row in rows]
+        if process is not None:
+            column = [None if value is None else process(value) for value in column]
+        values_by_column.append(column)
+    return columns, list(zip(*values_by_column, strict=True))
 
 
 def _sqlite_values(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
