@@ -19,6 +19,7 @@ import weakref
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -882,3 +883,39 @@ async def test_dead_workers_items_are_taken_over_after_their_lease(
     assert loopback.count(CHAT) == 10
     assert_each_item_has_one_final_record(rig.engine, job_id)
     assert (await rig.batches.job(job_id))["status"] == "completed"
+
+
+async def test_lease_renewal_skips_items_being_finished_instead_of_waiting(rig: Rig) -> None:
+    """Renewing leases never waits for a row another transaction holds (PostgreSQL: the
+    recorder finishing that item), so it cannot deadlock with it; the rest are renewed."""
+    job_id = await rig.batches.create_job([f"renew {i}" for i in range(4)], [OPENAI])
+    taken = await asyncio.to_thread(
+        run_write,
+        rig.engine,
+        lambda uow: JobRepository(uow.session).claim(job_id, "w", limit=4, lease_s=1.0),
+    )
+    ids = [item.id for item in taken]
+    postgres = rig.engine.dialect.name == "postgresql"
+    with UnitOfWork(rig.engine, write=True) as finishing:
+        if postgres:  # another transaction holds the first item's row
+            finishing.session.execute(
+                select(BatchJobItem.id).where(BatchJobItem.id == ids[0]).with_for_update()
+            )
+        else:
+            finishing.session.rollback()  # SQLite: one writer at a time anyway
+        renewed = await asyncio.to_thread(
+            run_write,
+            rig.engine,
+            lambda uow: JobRepository(uow.session).renew("w", ids, lease_s=600),
+        )
+        assert renewed == (3 if postgres else 4)
+        other = await asyncio.to_thread(
+            run_write,
+            rig.engine,
+            lambda uow: JobRepository(uow.session).renew("someone else", ids, lease_s=600),
+        )
+        assert other == 0
+    items = {item.id: item for item in items_of(rig.engine, job_id)}
+    soon = datetime.now(UTC) + timedelta(seconds=300)  # the first lease ran for 1 s
+    far = [i for i in ids if items[i].lease_expires_at > soon]
+    assert far == (ids[1:] if postgres else ids)

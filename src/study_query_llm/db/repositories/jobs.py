@@ -184,18 +184,30 @@ class JobRepository:
         return sorted((ClaimedItem(*row) for row in rows), key=lambda item: item.position)
 
     def renew(self, worker: str, item_ids: Iterable[int], *, lease_s: float) -> int:
-        """Extend this worker's leases on items it still holds."""
+        """Extend this worker's leases on items it still holds.
+
+        Rows another transaction has locked (on PostgreSQL: the recorder finishing them
+        right now) are skipped, not waited for: a renewal that waited while holding
+        other rows could deadlock with a recorder finishing items in another order, and
+        an item being finished needs no longer lease.
+        """
         ids = list(item_ids)
         if not ids:
             return 0
         now = utcnow()
-        result = self.session.execute(
-            update(BatchJobItem)
+        held = (
+            select(BatchJobItem.id)
             .where(
                 BatchJobItem.id.in_(ids),
                 BatchJobItem.status == "claimed",
                 BatchJobItem.claimed_by == worker,
             )
+            .order_by(BatchJobItem.id)
+            .with_for_update(skip_locked=True)
+        )
+        result = self.session.execute(
+            update(BatchJobItem)
+            .where(BatchJobItem.id.in_(held.scalar_subquery()))
             .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
         )
         return result.rowcount or 0
