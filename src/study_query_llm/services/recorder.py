@@ -214,16 +214,17 @@ def _sanitise_run(run: NewRun | None) -> NewRun | None:
 def _write_all(uow: UnitOfWork, batch: list[_Pending]) -> list[int]:
     ids = uow.calls.add_many([pending.call for pending in batch])
     runs: list[NewRun] = []
+    placements: list[tuple[int, int, int | None, str | None]] = []
     for pending, call_id in zip(batch, ids, strict=True):
         if pending.run is not None:
             meta: dict[str, Any] = dict(pending.run.metadata_json or {})
             meta["raw_call_id"] = call_id
             runs.append(replace(pending.run, metadata_json=meta))
         if pending.group_id is not None:
-            uow.groups.add_member_at(
-                pending.group_id, call_id, position=pending.position, role=pending.role
-            )
-        if pending.after is not None:
+            placements.append((pending.group_id, call_id, pending.position, pending.role))
+    uow.groups.place_new_calls(placements)  # one statement for the whole batch
+    for pending, call_id in zip(batch, ids, strict=True):
+        if pending.after is not None:  # may look at the memberships placed above
             pending.after(uow, call_id, pending.call.status)
     if runs:
         uow.runs.add_many(runs)

@@ -6,13 +6,14 @@ which they were added: `position` counts up from 0 within a group.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from study_query_llm.db.bulk import insert_rows
 from study_query_llm.db.errors import GroupExistsError, GroupNotFoundError
 from study_query_llm.db.models_v2 import Group, GroupMember
 
@@ -179,6 +180,37 @@ class GroupRepository:
         self.session.add(member)
         self.session.flush()
         return member
+
+    def place_new_calls(
+        self, placements: Sequence[tuple[int, int, int | None, str | None]]
+    ) -> None:
+        """Put calls recorded in this transaction into groups, all in one statement.
+
+        Each placement is (group_id, call_id, position, role), as for `add_member_at`;
+        position None appends after the group's last member (that group's row is locked,
+        as in `add_members`). The calls must be new (in no group yet), as the recorder's
+        are: nothing is looked up per call.
+        """
+        if not placements:
+            return
+        appending = {group_id for group_id, _, position, _ in placements if position is None}
+        for group_id in sorted({group_id for group_id, *_ in placements}):
+            self._require(group_id, lock=group_id in appending)
+        next_position = {}
+        for group_id in appending:
+            last = self.session.scalar(
+                select(func.max(GroupMember.position)).where(GroupMember.group_id == group_id)
+            )
+            next_position[group_id] = 0 if last is None else last + 1
+        rows = []
+        for group_id, call_id, position, role in placements:
+            if position is None:
+                position = next_position[group_id]
+                next_position[group_id] += 1
+            rows.append(
+                {"group_id": group_id, "call_id": call_id, "position": position, "role": role}
+            )
+        insert_rows(self.session, GroupMember, rows)
 
     def set_member_role(self, group_id: int, call_id: int, role: str | None) -> bool:
         """Change the role of a call in the group; False if the call is not in it."""

@@ -195,20 +195,25 @@ class JobRepository:
         if not ids:
             return 0
         now = utcnow()
-        held = (
-            select(BatchJobItem.id)
-            .where(
-                BatchJobItem.id.in_(ids),
-                BatchJobItem.status == "claimed",
-                BatchJobItem.claimed_by == worker,
-            )
-            .order_by(BatchJobItem.id)
-            .with_for_update(skip_locked=True)
+        mine = (
+            BatchJobItem.id.in_(ids),
+            BatchJobItem.status == "claimed",
+            BatchJobItem.claimed_by == worker,
         )
+        if self.session.get_bind().dialect.name == "postgresql":
+            held = (
+                select(BatchJobItem.id)
+                .where(*mine)
+                .order_by(BatchJobItem.id)
+                .with_for_update(skip_locked=True)
+            )
+            mine = (BatchJobItem.id.in_(held.scalar_subquery()),)
+        # (SQLite has no row locks: its one writer at a time cannot deadlock.)
         result = self.session.execute(
             update(BatchJobItem)
-            .where(BatchJobItem.id.in_(held.scalar_subquery()))
+            .where(*mine)
             .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+            .execution_options(synchronize_session=False)
         )
         return result.rowcount or 0
 
@@ -249,6 +254,8 @@ class JobRepository:
                 lease_expires_at=None,
                 updated_at=utcnow(),
             )
+            # No loaded item objects to keep in step: skip the ORM's per-row evaluation.
+            .execution_options(synchronize_session=False)
         )
         return (result.rowcount or 0) == 1
 
