@@ -203,10 +203,9 @@ class OpenAICompatibleProvider(BaseLLMProvider):
         response_id: str | None = None
         served_model = model
         first_token_ms: float | None = None
-        iterator = stream.__aiter__()
         try:
             while True:
-                chunk = await self._call(model, iterator.__anext__)
+                chunk = await self._call(model, stream.__anext__)
                 response_id = chunk.id or response_id
                 served_model = chunk.model or served_model
                 if chunk.usage is not None:
@@ -223,6 +222,12 @@ class OpenAICompatibleProvider(BaseLLMProvider):
         except StopAsyncIteration:
             pass
         finally:
+            # Close the SDK's generator chain here, in this task, when the reader stops
+            # early: left to the garbage collector it is finalised at an arbitrary point,
+            # possibly in another thread, and the closing fails there.
+            sdk_iterator = getattr(stream, "_iterator", None)
+            if sdk_iterator is not None and hasattr(sdk_iterator, "aclose"):
+                await sdk_iterator.aclose()
             await stream.close()
         text = "".join(parts)
         yield ProviderResponse(
