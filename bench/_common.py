@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from study_query_llm.db.connection import dispose_engine, normalize_url
 from study_query_llm.db.urls import redact_url
@@ -47,6 +48,33 @@ def resolve_url(value: str) -> str:
     if value in ("sqlite", "postgres", "postgresql"):
         return default_url(value)
     return normalize_url(value).render_as_string(hide_password=False)
+
+
+def add_db_argument(parser: Any) -> None:
+    """`--db`, repeatable: a database URL, or 'sqlite' / 'postgres' for the default ones."""
+    parser.add_argument(
+        "--db",
+        action="append",
+        help="database URL, or 'sqlite' / 'postgres' (default: both default databases)",
+    )
+
+
+def chosen_urls(values: list[str] | None) -> list[str]:
+    """The databases `--db` named, else the default ones that exist (empty: none yet)."""
+    if values:
+        try:
+            return [resolve_url(v) for v in values]
+        except ArgumentError as exc:
+            raise SystemExit(f"error: --db: {exc}") from None
+    return [default_url(k) for k in ("sqlite", "postgres") if database_exists(default_url(k))]
+
+
+def print_header(script: str, *notes: str) -> None:
+    """The markdown heading, machine facts and notes every benchmark starts with."""
+    print(f"## {script}")
+    for line in (*machine_facts(), *notes):
+        print(f"- {line}")
+    print()
 
 
 def backend(url: str) -> str:

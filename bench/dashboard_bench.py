@@ -28,29 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    database_exists,
-    default_url,
+    add_db_argument,
+    chosen_urls,
     load_average,
-    machine_facts,
     markdown_table,
-    resolve_url,
+    print_header,
     show_url,
 )
 from playwright.sync_api import Page, expect, sync_playwright
 
-from study_query_llm.testing.dashboard import served_dashboard
+from study_query_llm.testing.dashboard import CHROMIUM, CHROMIUM_ARGS, served_dashboard
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TIMEOUT_MS = 120_000
 # What "complete" means: every part of the tab shows data.
 READY = [
@@ -102,7 +90,7 @@ def bench(url: str, runs: int) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as workdir:
         served = served_dashboard(Path(workdir), {"DATABASE_URL": url}, startup_timeout_s=300)
         with served as dashboard, sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             errors: list[str] = []
             loads, renders = [], []
             rss_open = 0
@@ -137,23 +125,16 @@ def bench(url: str, runs: int) -> list[Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--db",
-        action="append",
-        help="database URL, or 'sqlite' / 'postgres' (default: both default databases)",
-    )
+    add_db_argument(parser)
     parser.add_argument("--runs", type=int, default=5, help="page loads (fresh sessions)")
     args = parser.parse_args(argv)
-    urls = [resolve_url(d) for d in args.db] if args.db else []
+    urls = chosen_urls(args.db)
     if not urls:
-        urls = [default_url(k) for k in ("sqlite", "postgres") if database_exists(default_url(k))]
-        if not urls:
-            print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
-            return 2
-    print("## dashboard_bench.py")
-    for line in machine_facts():
-        print(f"- {line}")
-    print(f"- {args.runs} fresh sessions per database; Chromium {CHROMIUM}\n")
+        print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
+        return 2
+    print_header(
+        "dashboard_bench.py", f"{args.runs} fresh sessions per database; Chromium {CHROMIUM}"
+    )
     rows = []
     for url in urls:
         rows.append([show_url(url), *bench(url, args.runs)])

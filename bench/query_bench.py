@@ -36,12 +36,11 @@ from typing import Any
 
 import pandas as pd
 from _common import (
-    database_exists,
-    default_url,
+    add_db_argument,
+    chosen_urls,
     load_average,
-    machine_facts,
     markdown_table,
-    resolve_url,
+    print_header,
     show_url,
 )
 from sqlalchemy import func, select, text
@@ -50,7 +49,7 @@ from study_query_llm.db import aggregates
 from study_query_llm.db.connection import UnitOfWork, dispose_engine, get_engine
 from study_query_llm.db.filters import CallFilters
 from study_query_llm.db.models_v2 import RawCall
-from study_query_llm.services.study import STAT_COLUMNS, StudyService
+from study_query_llm.services.study import STAT_COLUMNS, StudyService, summary_row
 
 FLOAT_TOLERANCE = 1e-9
 EXACT_FLOATS = ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "failure_rate", "latency_ms")
@@ -111,22 +110,7 @@ def ref_summary(engine: Any, filters: CallFilters) -> dict[str, Any]:
                 func.count(func.distinct(RawCall.provider + "/" + RawCall.model)),
             ).where(*filters.conditions())
         ).one()
-    return {
-        "calls": stats.count,
-        "successes": stats.successes,
-        "failures": stats.failures,
-        "failure_rate": stats.failure_rate,
-        "prompt_tokens": stats.prompt_tokens_sum,
-        "completion_tokens": stats.completion_tokens_sum,
-        "total_tokens": stats.total_tokens_sum,
-        "cost_usd": stats.cost_usd_sum,
-        "latency_mean_ms": stats.latency_mean_ms,
-        "latency_p50_ms": stats.latency_p50_ms,
-        "latency_p90_ms": stats.latency_p90_ms,
-        "latency_p99_ms": stats.latency_p99_ms,
-        "providers": int(row[0]),
-        "models": int(row[1]),
-    }
+    return summary_row(stats, int(row[0]), int(row[1]))
 
 
 def ref_compare(engine: Any, filters: CallFilters) -> pd.DataFrame:
@@ -343,26 +327,17 @@ def bench(url: str, runs: int, check: bool) -> tuple[list[list[Any]], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--db",
-        action="append",
-        help="database URL, or 'sqlite' / 'postgres' (default: both default databases)",
-    )
+    add_db_argument(parser)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per query (median)")
     parser.add_argument(
         "--no-check", action="store_true", help="skip the recomputation (timings only)"
     )
     args = parser.parse_args(argv)
-    urls = [resolve_url(d) for d in args.db] if args.db else []
+    urls = chosen_urls(args.db)
     if not urls:
-        urls = [default_url(k) for k in ("sqlite", "postgres") if database_exists(default_url(k))]
-        if not urls:
-            print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
-            return 2
-    print("## query_bench.py")
-    for line in machine_facts():
-        print(f"- {line}")
-    print(f"- {args.runs} timed runs per query after one untimed first run\n")
+        print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
+        return 2
+    print_header("query_bench.py", f"{args.runs} timed runs per query after one untimed first run")
     all_ok = True
     for url in urls:
         rows, ok = bench(url, args.runs, not args.no_check)

@@ -24,12 +24,11 @@ import time
 from typing import Any
 
 from _common import (
-    database_exists,
-    default_url,
+    add_db_argument,
+    chosen_urls,
     load_average,
-    machine_facts,
     markdown_table,
-    resolve_url,
+    print_header,
     show_url,
 )
 from sqlalchemy import text
@@ -104,11 +103,7 @@ def bench(url: str, terms: list[tuple[str, str]], runs: int, limit: int) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--db",
-        action="append",
-        help="database URL, or 'sqlite' / 'postgres' (default: both default databases)",
-    )
+    add_db_argument(parser)
     parser.add_argument("--common", action="append", help="common word(s) (default: the)")
     parser.add_argument(
         "--rare",
@@ -123,19 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7, help="timed runs per term (median)")
     parser.add_argument("--limit", type=int, default=100, help="results (the tab's default)")
     args = parser.parse_args(argv)
-    urls = [resolve_url(d) for d in args.db] if args.db else []
+    urls = chosen_urls(args.db)
     if not urls:
-        urls = [default_url(k) for k in ("sqlite", "postgres") if database_exists(default_url(k))]
-        if not urls:
-            print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
-            return 2
+        print("error: no benchmark database yet: run bench/generate.py first", file=sys.stderr)
+        return 2
     terms = [("common word", t) for t in (args.common or ["the"])]
     terms += [("rare substring", t) for t in (args.rare or ["quokka", '"ticket #A"'])]
     terms += [("word + 2-char word", t) for t in (args.mixed or ["ticket #A"])]
-    print("## search_bench.py")
-    for line in machine_facts():
-        print(f"- {line}")
-    print(f"- {args.runs} timed runs per term after one untimed run; {args.limit} results\n")
+    print_header(
+        "search_bench.py",
+        f"{args.runs} timed runs per term after one untimed run; {args.limit} results",
+    )
     for url in urls:
         rows = bench(url, terms, args.runs, args.limit)
         print()

@@ -25,21 +25,16 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, expect
 from ui_helpers import SCREENSHOTS, open_dashboard, page_text
 
-from study_query_llm.testing.dashboard import ServedDashboard, clean_env, served_dashboard
+from study_query_llm.testing.dashboard import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ServedDashboard,
+    clean_env,
+    served_dashboard,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_SCRIPT = ROOT / "scripts" / "seed_demo_data.py"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SEED_CALLS = 200  # back-dated calls; the seed adds its live runs, batches and chat on top
 
 # Playwright's auto-waiting assertions: generous enough for a loaded CI machine.

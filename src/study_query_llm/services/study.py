@@ -18,6 +18,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from ..db import rollups
+from ..db.aggregates import CallStats
 from ..db.connection import UnitOfWork
 from ..db.filters import CallFilters
 from ..db.models_v2 import RawCall
@@ -73,6 +74,27 @@ class CallsPage:
     next_cursor: str | None
 
 
+def summary_row(stats: CallStats, providers: int, models: int) -> dict[str, Any]:
+    """The summary cards' numbers: `stats` over the matching calls, and how many distinct
+    providers and (provider, model) pairs they came from."""
+    return {
+        "calls": stats.count,
+        "successes": stats.successes,
+        "failures": stats.failures,
+        "failure_rate": stats.failure_rate,
+        "prompt_tokens": stats.prompt_tokens_sum,
+        "completion_tokens": stats.completion_tokens_sum,
+        "total_tokens": stats.total_tokens_sum,
+        "cost_usd": stats.cost_usd_sum,
+        "latency_mean_ms": stats.latency_mean_ms,
+        "latency_p50_ms": stats.latency_p50_ms,
+        "latency_p90_ms": stats.latency_p90_ms,
+        "latency_p99_ms": stats.latency_p99_ms,
+        "providers": providers,
+        "models": models,
+    }
+
+
 class StudyService:
     """Read-side service for the dashboard and notebooks."""
 
@@ -93,22 +115,7 @@ class StudyService:
         def read(uow: UnitOfWork) -> dict[str, Any]:
             stats = uow.calls.summary(filters)
             providers, models = StudyQueries(uow.session).distinct_counts(filters)
-            return {
-                "calls": stats.count,
-                "successes": stats.successes,
-                "failures": stats.failures,
-                "failure_rate": stats.failure_rate,
-                "prompt_tokens": stats.prompt_tokens_sum,
-                "completion_tokens": stats.completion_tokens_sum,
-                "total_tokens": stats.total_tokens_sum,
-                "cost_usd": stats.cost_usd_sum,
-                "latency_mean_ms": stats.latency_mean_ms,
-                "latency_p50_ms": stats.latency_p50_ms,
-                "latency_p90_ms": stats.latency_p90_ms,
-                "latency_p99_ms": stats.latency_p99_ms,
-                "providers": providers,
-                "models": models,
-            }
+            return summary_row(stats, providers, models)
 
         return self._read(read)
 

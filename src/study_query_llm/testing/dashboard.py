@@ -45,6 +45,21 @@ SETTING_PREFIXES = (
 )
 
 
+# Debian's Chromium, headless, with nothing reaching out to the network by itself: what the
+# UI tests and the dashboard benchmark launch (Playwright's own browser download is not used).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
