@@ -903,10 +903,15 @@ async def test_lease_renewal_skips_items_being_finished_instead_of_waiting(rig: 
             )
         else:
             finishing.session.rollback()  # SQLite: one writer at a time anyway
-        renewed = await asyncio.to_thread(
-            run_write,
-            rig.engine,
-            lambda uow: JobRepository(uow.session).renew("w", ids, lease_s=600),
+        # A renewal that waited for the held row would never return while it is held:
+        # give up after 60 s (a failure, not a hung suite) and release the row.
+        renewed = await asyncio.wait_for(
+            asyncio.to_thread(
+                run_write,
+                rig.engine,
+                lambda uow: JobRepository(uow.session).renew("w", ids, lease_s=600),
+            ),
+            timeout=60,
         )
         assert renewed == (3 if postgres else 4)
         other = await asyncio.to_thread(

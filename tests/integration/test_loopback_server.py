@@ -690,6 +690,7 @@ async def test_max_in_flight_counts_concurrent_posts(
         reply_text(f"q{i}") for i in range(concurrency)
     ]
     assert srv.max_in_flight == concurrency
+    assert await asyncio.to_thread(srv.wait_until_idle)  # handlers finish after replying
     assert srv.in_flight == 0
 
 

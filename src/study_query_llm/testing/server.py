@@ -923,6 +923,13 @@ class LoopbackServer:
         with self._changed:
             return self._changed.wait_for(lambda: len(self._requests) >= count, timeout)
 
+    def wait_until_idle(self, timeout: float = 5.0) -> bool:
+        """Block until no request is being handled (a reply reaches the client just before
+        its handler finishes, so a client may see the answer while it still counts as in
+        flight); False if that takes longer than `timeout`."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._active == 0, timeout)
+
     @property
     def in_flight(self) -> int:
         """POST requests being handled right now."""
