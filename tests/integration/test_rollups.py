@@ -256,6 +256,36 @@ def test_concurrent_writers_keep_the_rollups_exact(engine: Engine) -> None:
     check_everything(engine)
 
 
+@pytest.mark.parametrize("n", [20, 150])  # a multi-row INSERT and a COPY
+def test_each_batch_reaches_the_postgres_triggers_as_one_statement(
+    engine: Engine, n: int
+) -> None:
+    """The rollup trigger locks a statement's cells in key order, so writers cannot
+    deadlock on them; a batch sent as one INSERT per row would lock them in input order."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("statement-level triggers are PostgreSQL's")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE statement_sizes (n integer)"))
+        conn.execute(
+            text(
+                "CREATE FUNCTION note_statement_size() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN INSERT INTO statement_sizes SELECT count(*) FROM added; RETURN NULL; "
+                "END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER note_statement_size AFTER INSERT ON raw_calls "
+                "REFERENCING NEW TABLE AS added "
+                "FOR EACH STATEMENT EXECUTE FUNCTION note_statement_size()"
+            )
+        )
+    record(engine, make_calls(n, seed=12), chunk=n)
+    with engine.connect() as conn:
+        assert conn.scalars(text("SELECT n FROM statement_sizes")).all() == [n]
+    check_everything(engine)
+
+
 def test_reads_never_mix_two_databases(tmp_path: Any) -> None:
     """Two databases with identical cell ids and counts but different latencies: the
     process-wide cache keeps them apart."""

@@ -30,9 +30,9 @@ def insert_rows(
 
     PostgreSQL: with `ids` and at least `COPY_FROM_ROWS` rows, one ``COPY ... FROM
     STDIN`` (the cheapest way in for the client; it fires the same triggers); fewer
-    rows go in as multi-row INSERTs (SQLAlchemy's "insertmanyvalues", about 1000 rows
-    per statement), with ``RETURNING id`` (sorted into input order) when no ids are
-    given.
+    rows go in as one multi-row INSERT. Without ids, multi-row INSERTs with
+    ``RETURNING id`` (SQLAlchemy's "insertmanyvalues", about 1000 rows per statement,
+    ids sorted into input order).
 
     SQLite does not promise the order of RETURNING rows, so ids are always assigned
     here (see `allocate_ids`), and the rows go in as multi-row VALUES statements.
@@ -54,8 +54,13 @@ def insert_rows(
         raise ValueError(f"{len(ids)} ids for {len(rows)} rows")
     for row, row_id in zip(uniform, ids, strict=True):
         row["id"] = row_id
-    if target is not table or (postgres and len(uniform) < COPY_FROM_ROWS):
+    if target is not table:
         session.execute(insert(target), uniform)
+    elif postgres and len(uniform) < COPY_FROM_ROWS:
+        # One statement, not psycopg's executemany (an INSERT per row): statement-level
+        # triggers then see the whole batch at once, and the rollup trigger locks its cells
+        # in key order, so concurrent writers cannot deadlock on them.
+        session.execute(insert(table).values(uniform))
     elif postgres:
         _copy(session, table, uniform)
     else:
