@@ -257,9 +257,7 @@ def test_concurrent_writers_keep_the_rollups_exact(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("n", [20, 150])  # a multi-row INSERT and a COPY
-def test_each_batch_reaches_the_postgres_triggers_as_one_statement(
-    engine: Engine, n: int
-) -> None:
+def test_each_batch_reaches_the_postgres_triggers_as_one_statement(engine: Engine, n: int) -> None:
     """The rollup trigger locks a statement's cells in key order, so writers cannot
     deadlock on them; a batch sent as one INSERT per row would lock them in input order."""
     if engine.dialect.name != "postgresql":
