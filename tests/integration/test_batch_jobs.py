@@ -731,6 +731,31 @@ async def test_a_call_that_could_not_be_recorded_is_made_again(
     assert (await rig.batches.job(job_id))["status"] == "completed"
 
 
+async def test_a_run_that_stops_for_a_cancel_ends_with_the_job_cancelled(rig: Rig) -> None:
+    """A run that notices the cancel and stops by itself must not beat the cancel's own
+    write: when its outcomes end, the job already reads cancelled (so the dashboard offers
+    it for resuming), and the cancel counts the pending items it skipped."""
+    n = 300
+    job_id = await rig.batches.create_job([f"stop me {i}" for i in range(n)], [MOCK])
+    outcomes = rig.batches.run_job(job_id, concurrency=1)
+    done = [await anext(outcomes) for _ in range(3)]
+    cancelling = asyncio.ensure_future(rig.batches.cancel(job_id))
+    done += await asyncio.wait_for(drain(outcomes), TIMEOUT_S)
+    status_when_the_run_ended = (await rig.batches.job(job_id))["status"]
+    skipped = await cancelling
+    assert status_when_the_run_ended == "cancelled"
+    counts = await rig.batches.counts(job_id)
+    assert counts.open == 0
+    # A call that finished while the run was being stopped is recorded (and counted)
+    # though its outcome was not handed out any more.
+    assert len(done) <= counts.succeeded <= len(done) + 1
+    assert counts.cancelled == n - counts.succeeded
+    # The run held at most 2 x concurrency items; every other one was pending.
+    assert counts.cancelled - 2 <= skipped <= counts.cancelled
+    jobs = await rig.batches.list_jobs(limit=10)
+    assert [j["status"] for j in jobs if j["id"] == job_id] == ["cancelled"]
+
+
 async def test_cancel_leaves_a_finished_job_alone(rig: Rig) -> None:
     job_id = await rig.batches.create_job(["done already"], [MOCK])
     await run_all(rig.batches, job_id)

@@ -279,7 +279,6 @@ class BatchService:
         processes) stop claiming and end when their calls in flight finish. `reopen` and
         `run_job` finish a cancelled job later.
         """
-        self._cancelled.add(job_id)
 
         def cancel(uow: UnitOfWork) -> int:
             repo = JobRepository(uow.session)
@@ -288,7 +287,10 @@ class BatchService:
             repo.set_status(job_id, "cancelled", only_from=("pending", "running"))
             return repo.cancel_open(job_id)
 
+        # The record first, then the runs: a run that stops sees the job cancelled, and
+        # the count is of the items this call cancelled (not those a stopping run gave back).
         cancelled = await self._write(cancel)
+        self._cancelled.add(job_id)
         for run in list(self._runs.get(job_id, ())):
             run.stop()
         return cancelled
@@ -386,7 +388,13 @@ class BatchService:
         preprocess = PreprocessConfig(**spec["preprocess"]) if spec.get("preprocess") else None
         dedup = bool(spec.get("dedup"))
         group_id = job["group_id"]
-        await self._write(lambda uow: JobRepository(uow.session).set_status(job_id, "running"))
+        started = await self._write(
+            lambda uow: JobRepository(uow.session).set_status(
+                job_id, "running", only_from=("pending", "running", "completed")
+            )
+        )
+        if not started:  # cancelled since it was read above
+            return
 
         progress = BatchProgress(total=counts.total, already_done=counts.finished)
         queue: asyncio.Queue[ItemOutcome | None] = asyncio.Queue(maxsize=concurrency * 2)
@@ -602,6 +610,7 @@ class BatchService:
                 repo.release(worker, leftovers)
                 if cancelled:
                     repo.cancel_open(job_id)
+                    repo.set_status(job_id, "cancelled", only_from=("pending", "running"))
                 elif repo.counts(job_id).open == 0:
                     # Completed, unless someone cancelled it meanwhile (another process).
                     repo.set_status(job_id, "completed", only_from=("running",))
