@@ -30,8 +30,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, TypeVar
 
-import holoviews as hv
-import hvplot.pandas  # noqa: F401  (registers DataFrame.hvplot)
 import pandas as pd
 import panel as pn
 import param
@@ -42,6 +40,8 @@ from study_query_llm.db.aggregates import BUCKETS
 from study_query_llm.db.errors import StorageError
 from study_query_llm.db.filters import CallFilters
 
+from .. import charts
+from ..charts import Bar
 from ..export import download_buttons
 from ..safe import escape, pre
 from ..state import AppState, describe_error, notify
@@ -152,8 +152,39 @@ COMPARE_CHARTS = ("Calls", "Failure rate", "Latency", "Cost", "Tokens")
 SERIES_CHARTS = ("Calls", "Failure rate", "Tokens", "Cost", "Latency p50")
 
 
-def _chart_pane() -> pn.pane.HoloViews:
-    return pn.pane.HoloViews(None, sizing_mode="stretch_width", height=CHART_HEIGHT + 20)
+class ChartTabs:
+    """Charts in tabs that are built when first shown: new data builds only the chart in
+    view; another tab's chart is built (from the data it was given) when it is opened."""
+
+    def __init__(self, titles: Iterable[str], css_class: str) -> None:
+        self.panes = {
+            title: pn.pane.Bokeh(None, sizing_mode="stretch_width", height=CHART_HEIGHT + 20)
+            for title in titles
+        }
+        self.tabs = pn.Tabs(
+            *self.panes.items(),
+            dynamic=True,
+            sizing_mode="stretch_width",
+            css_classes=[css_class],
+        )
+        self._pending: dict[str, Callable[[], Any]] = {}
+        self.tabs.param.watch(lambda event: self._build(event.new), "active")
+
+    def show(self, builders: dict[str, Callable[[], Any]], height: int | None = None) -> None:
+        """Charts from these builders (one per title): the one in view now, others later."""
+        self._pending = dict(builders)
+        if height is not None:
+            for pane in self.panes.values():
+                pane.height = height
+        self._build(self.tabs.active)
+
+    def _build(self, index: int) -> None:
+        titles = list(self.panes)
+        if not 0 <= index < len(titles):
+            return
+        build = self._pending.pop(titles[index], None)
+        if build is not None:
+            self.panes[titles[index]].object = build()
 
 
 COMPARE_TITLES = {
@@ -332,13 +363,7 @@ class AnalyticsView(pn.viewable.Viewer):
         self._cards = pn.FlexBox(css_classes=["sqllm-summary"], sizing_mode="stretch_width")
         # Charts sit in tabs that render when first shown: building a chart is the slow
         # part of a refresh, so only the charts in view are built.
-        self._compare_panes = {title: _chart_pane() for title in COMPARE_CHARTS}
-        self._compare_charts = pn.Tabs(
-            *self._compare_panes.items(),
-            dynamic=True,
-            sizing_mode="stretch_width",
-            css_classes=["sqllm-compare-charts"],
-        )
+        self._compare_charts = ChartTabs(COMPARE_CHARTS, "sqllm-compare-charts")
         self._compare_table = pn.widgets.Tabulator(
             pd.DataFrame(),
             disabled=True,
@@ -350,14 +375,8 @@ class AnalyticsView(pn.viewable.Viewer):
             css_classes=["sqllm-compare-table"],
         )
         self._series_note = pn.pane.Markdown("", css_classes=["sqllm-series-note"])
-        self._series_panes = {title: _chart_pane() for title in SERIES_CHARTS}
-        self._timeseries = pn.Tabs(
-            *self._series_panes.items(),
-            dynamic=True,
-            sizing_mode="stretch_width",
-            css_classes=["sqllm-timeseries"],
-        )
-        self._latency = pn.pane.HoloViews(
+        self._timeseries = ChartTabs(SERIES_CHARTS, "sqllm-timeseries")
+        self._latency = pn.pane.Bokeh(
             None,
             sizing_mode="stretch_width",
             height=CHART_HEIGHT + 40,
@@ -436,6 +455,10 @@ class AnalyticsView(pn.viewable.Viewer):
                 if generation == self._generation:
                     self._show_empty(total)
                 return
+            # The cards (and the calls table, below) show while the charts' data loads.
+            if generation == self._generation:
+                self._show_sections()
+                self._draw("summary", self._show_summary, summary)
             compare, series, samples, page = await asyncio.gather(
                 self._read(("compare", filters, version), study.compare, filters),
                 self._read(
@@ -464,19 +487,23 @@ class AnalyticsView(pn.viewable.Viewer):
             return
         if generation != self._generation:
             return  # a newer refresh is under way
-        self._status.visible = False
-        for section in self._sections:
-            section.visible = True
-        # Redraw only what changed: a cache hit returns the very same object. Numbers and
-        # the calls table first (cheap); the page gets them before the charts are built.
-        self._draw("summary", self._show_summary, summary)
+        # Redraw only what changed: a cache hit returns the very same object. The calls
+        # table first (cheap); the page gets it before the charts are built.
         self._show_page(*page)
         await asyncio.sleep(0)
         if generation != self._generation:
             return
-        self._draw("compare", self._show_compare, compare)
-        self._draw("series", self._show_series, series, self.by)
-        self._draw("latency", self._show_latency, samples, self.latency_kind)
+        # One message and one walk of the page's model graph for all the charts, instead
+        # of one per chart (Bokeh re-walks the whole document after each change).
+        with pn.io.hold(freeze=True):
+            self._draw("compare", self._show_compare, compare)
+            self._draw("series", self._show_series, series, self.by)
+            self._draw("latency", self._show_latency, samples, self.latency_kind)
+
+    def _show_sections(self) -> None:
+        self._status.visible = False
+        for section in self._sections:
+            section.visible = True
 
     def _draw(self, name: str, show: Callable[[Any], None], data: Any, *options: Any) -> None:
         last = self._drawn.get(name)
@@ -523,82 +550,83 @@ class AnalyticsView(pn.viewable.Viewer):
 
     def _show_compare(self, compare: pd.DataFrame) -> None:
         self._compare = compare
-        data = escaped(compare, ["provider", "model", "target"])
+        data = compare.copy()
         data["failure %"] = data["failure_rate"].astype(float) * 100
         # Horizontal bars: "provider / model" labels can be long and stay readable.
-        n = len(data)
-        single = max(200, 90 + 26 * n)
-        opts = dict(x="target", responsive=True, xlabel="")
-        tokens = data.melt(
-            id_vars=["target", "count"],
-            value_vars=["prompt_tokens_sum", "completion_tokens_sum"],
-            var_name="kind",
-            value_name="tokens",
+        height = max(200, 90 + 26 * len(data))
+
+        def bars(title: str, xlabel: str, *bars: Bar, tooltips=(), stacked=False):
+            return lambda: charts.hbar_chart(
+                data,
+                "target",
+                bars,
+                title=title,
+                xlabel=xlabel,
+                height=height,
+                tooltips=tooltips,
+                stacked=stacked,
+            )
+
+        calls = [("calls", "@count{0,0}")]
+        self._compare_charts.show(
+            {
+                "Calls": bars(
+                    "Calls",
+                    "calls",
+                    Bar("count"),
+                    tooltips=[
+                        *calls,
+                        ("successes", "@successes{0,0}"),
+                        ("failures", "@failures{0,0}"),
+                    ],
+                ),
+                "Failure rate": bars(
+                    "Failure rate (%)",
+                    "% failed",
+                    Bar("failure %", color="#c62828"),
+                    tooltips=[
+                        ("failed", "@{failure %}{0.[00]}%"),
+                        ("failures", "@failures{0,0}"),
+                        *calls,
+                    ],
+                ),
+                "Latency": bars(
+                    "Latency p50 / p90",
+                    "ms",
+                    Bar("latency_p90_ms", "p90", "#ffab91", 0.8),
+                    Bar("latency_p50_ms", "p50", "#d84315", 0.4),
+                    tooltips=[
+                        ("p50 ms", "@latency_p50_ms{0,0.0}"),
+                        ("p90 ms", "@latency_p90_ms{0,0.0}"),
+                        ("p99 ms", "@latency_p99_ms{0,0.0}"),
+                        *calls,
+                    ],
+                ),
+                "Cost": bars(
+                    "Cost (USD)",
+                    "USD",
+                    Bar("cost_usd_sum", color="#6a1b9a"),
+                    tooltips=[
+                        ("USD", "@cost_usd_sum{0,0.[000000]}"),
+                        ("tokens", "@total_tokens_sum{0,0}"),
+                        *calls,
+                    ],
+                ),
+                "Tokens": bars(
+                    "Tokens in / out",
+                    "tokens",
+                    Bar("prompt_tokens_sum", "in (prompt)", "#1f77b4"),
+                    Bar("completion_tokens_sum", "out (completion)", "#ff7f0e"),
+                    tooltips=[
+                        ("in", "@prompt_tokens_sum{0,0}"),
+                        ("out", "@completion_tokens_sum{0,0}"),
+                        *calls,
+                    ],
+                    stacked=True,
+                ),
+            },
+            height=height + 10,
         )
-        tokens["kind"] = tokens["kind"].map(
-            {"prompt_tokens_sum": "in (prompt)", "completion_tokens_sum": "out (completion)"}
-        )
-        charts = [
-            data.hvplot.barh(
-                y="count",
-                hover_cols=["successes", "failures"],
-                title="Calls",
-                ylabel="calls",
-                height=single,
-                **opts,
-            ),
-            data.hvplot.barh(
-                y="failure %",
-                hover_cols=["failures", "count"],
-                title="Failure rate (%)",
-                ylabel="% failed",
-                color="#c62828",
-                height=single,
-                **opts,
-            ),
-            (
-                data.hvplot.barh(
-                    y="latency_p90_ms",
-                    hover_cols=["latency_p50_ms", "latency_p99_ms", "count"],
-                    color="#ffab91",
-                    bar_width=0.8,
-                    label="p90",
-                    height=single,
-                    **opts,
-                )
-                * data.hvplot.barh(
-                    y="latency_p50_ms",
-                    hover_cols=["latency_p90_ms", "latency_p99_ms", "count"],
-                    color="#d84315",
-                    bar_width=0.4,
-                    label="p50",
-                    height=single,
-                    **opts,
-                )
-            ).opts(title="Latency p50 / p90", ylabel="ms", legend_position="right"),
-            data.hvplot.barh(
-                y="cost_usd_sum",
-                hover_cols=["total_tokens_sum", "count"],
-                title="Cost (USD)",
-                ylabel="USD",
-                color="#6a1b9a",
-                height=single,
-                **opts,
-            ),
-            tokens.hvplot.barh(
-                y="tokens",
-                by="kind",
-                stacked=True,
-                hover_cols=["count"],
-                title="Tokens in / out",
-                ylabel="tokens",
-                height=single,
-                legend="right",
-                **opts,
-            ),
-        ]
-        for pane, chart in zip(self._compare_panes.values(), charts, strict=True):
-            pane.param.update(object=chart, height=single + 10)
         table = compare.drop(columns=["target"]).copy()
         table["failure_rate"] = table["failure_rate"].astype(float).round(4)
         for name in table.columns:
@@ -609,7 +637,7 @@ class AnalyticsView(pn.viewable.Viewer):
     def _show_series(self, series: pd.DataFrame) -> None:
         self._series = series
         by = self.by
-        data = escaped(series, [by])
+        data = series.copy()
         data["bucket"] = data["bucket"].dt.tz_convert("UTC").dt.tz_localize(None)
         data["failure %"] = data["failure_rate"].astype(float) * 100
         label = {"minute": "minute", "hour": "hour", "day": "day", "week": "week"}[self.bucket]
@@ -617,36 +645,32 @@ class AnalyticsView(pn.viewable.Viewer):
             f"One point per {label} (UTC), one line per {by}; hover a line for its values."
         )
 
-        # Lines carry the hover; points are added only where a series is too short to
-        # show as a line (drawing both for long series doubles the rendering cost).
-        sparse = data.groupby(by)["bucket"].transform("size") <= 2
-
-        def chart(y: str, title: str, ylabel: str, hover: list[str]) -> hv.Element:
-            opts = dict(
-                x="bucket",
-                y=y,
-                by=by,
-                responsive=True,
-                height=CHART_HEIGHT,
+        def chart(y: str, title: str, ylabel: str, tooltips: list[tuple[str, str]]):
+            return lambda: charts.line_chart(
+                data,
+                "bucket",
+                y,
+                by,
+                title=title,
                 xlabel=f"time (UTC, per {label})",
                 ylabel=ylabel,
-                hover_cols=hover,
+                height=CHART_HEIGHT,
+                tooltips=tooltips,
             )
-            plot = data.hvplot.line(**opts)
-            if sparse.any():  # every series present (same colours), only short ones drawn
-                points = data.assign(**{y: data[y].where(sparse)})
-                plot = plot * points.hvplot.scatter(**opts, size=30)
-            return plot.opts(title=title, legend_position="right")
 
-        charts = [
-            chart("count", "Calls over time", "calls", ["failures"]),
-            chart("failure %", "Failure rate over time (%)", "% failed", ["failures", "count"]),
-            chart("total_tokens_sum", "Tokens over time", "tokens", ["count"]),
-            chart("cost_usd_sum", "Cost over time (USD)", "USD", ["count"]),
-            chart("latency_p50_ms", "Latency p50 over time (ms)", "ms", ["count"]),
-        ]
-        for pane, series_chart in zip(self._series_panes.values(), charts, strict=True):
-            pane.object = series_chart
+        calls = ("calls", "@count{0,0}")
+        failures = ("failures", "@failures{0,0}")
+        self._timeseries.show(
+            {
+                "Calls": chart("count", "Calls over time", "calls", [failures]),
+                "Failure rate": chart(
+                    "failure %", "Failure rate over time (%)", "% failed", [failures, calls]
+                ),
+                "Tokens": chart("total_tokens_sum", "Tokens over time", "tokens", [calls]),
+                "Cost": chart("cost_usd_sum", "Cost over time (USD)", "USD", [calls]),
+                "Latency p50": chart("latency_p50_ms", "Latency p50 over time (ms)", "ms", [calls]),
+            }
+        )
 
     def _show_latency(self, samples: pd.DataFrame) -> None:
         n = self.samples_per_model
@@ -658,17 +682,14 @@ class AnalyticsView(pn.viewable.Viewer):
             self._latency.object = None
             self._latency_note.object += " No successful calls with a latency match."
             return
-        data = escaped(samples, ["target"])
-        plot = data.hvplot.box if self.latency_kind == "box" else data.hvplot.violin
-        self._latency.object = plot(
-            y="latency_ms",
-            by="target",
-            responsive=True,
-            height=CHART_HEIGHT + 20,
-            ylabel="latency (ms)",
-            xlabel="",
-            rot=20,
+        self._latency.object = charts.distribution_chart(
+            samples,
+            "target",
+            "latency_ms",
+            kind=self.latency_kind,
             title=f"Latency distribution (newest {n:,} per model)",
+            ylabel="latency (ms)",
+            height=CHART_HEIGHT + 20,
         )
 
     def _show_page(self, frame: pd.DataFrame, next_cursor: str | None, total: int) -> None:
@@ -754,7 +775,7 @@ class AnalyticsView(pn.viewable.Viewer):
         )
         compare = pn.Column(
             pn.pane.Markdown("### Providers and models"),
-            self._compare_charts,
+            self._compare_charts.tabs,
             self._compare_table,
             download_buttons(lambda: self._compare, "provider-model-comparison"),
             sizing_mode="stretch_width",
@@ -762,7 +783,7 @@ class AnalyticsView(pn.viewable.Viewer):
         series = pn.Column(
             pn.pane.Markdown("### Over time"),
             self._series_note,
-            self._timeseries,
+            self._timeseries.tabs,
             download_buttons(lambda: self._series, "time-series"),
             sizing_mode="stretch_width",
         )
