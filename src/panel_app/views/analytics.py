@@ -98,6 +98,13 @@ def md_text(text: object) -> str:
     return out
 
 
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve a dropped future's error, so asyncio does not log it as never retrieved
+    (when it matters, the same error is raised where the future is awaited)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def notify_text(text: str, level: str = "info") -> None:
     """A toast with plain text (`notify` escapes it: notifications render HTML)."""
     notify(text, level)
@@ -448,9 +455,30 @@ class AnalyticsView(pn.viewable.Viewer):
         if filters != self._filters_seen:  # new filters: back to the newest page
             self._filters_seen = filters
             self._cursors = [None]
+        # Everything is asked for at once (the queries run in threads, side by side); the
+        # charts' data is dropped if the summary says there is nothing to chart.
+        charts_data = asyncio.gather(
+            self._read(("compare", filters, version), study.compare, filters),
+            self._read(
+                ("series", filters, version, self.bucket, self.by),
+                study.time_series,
+                filters,
+                self.bucket,
+                self.by,
+            ),
+            self._read(
+                ("latency", filters, version, self.samples_per_model),
+                study.latency_samples,
+                filters,
+                self.samples_per_model,
+            ),
+            self._load_page(filters, version),
+        )
+        charts_data.add_done_callback(_consume)
         try:
             summary = await self._read(("summary", filters, version), study.summary, filters)
             if summary["calls"] == 0:
+                charts_data.cancel()
                 total = await self._read(("count", version), study.count)
                 if generation == self._generation:
                     self._show_empty(total)
@@ -459,23 +487,7 @@ class AnalyticsView(pn.viewable.Viewer):
             if generation == self._generation:
                 self._show_sections()
                 self._draw("summary", self._show_summary, summary)
-            compare, series, samples, page = await asyncio.gather(
-                self._read(("compare", filters, version), study.compare, filters),
-                self._read(
-                    ("series", filters, version, self.bucket, self.by),
-                    study.time_series,
-                    filters,
-                    self.bucket,
-                    self.by,
-                ),
-                self._read(
-                    ("latency", filters, version, self.samples_per_model),
-                    study.latency_samples,
-                    filters,
-                    self.samples_per_model,
-                ),
-                self._load_page(filters, version),
-            )
+            compare, series, samples, page = await charts_data
         except QUERY_ERRORS as exc:
             log.warning("analytics query failed: %s", exc, exc_info=True)
             if generation == self._generation:
