@@ -91,3 +91,26 @@ def test_capability_lookup():
     assert [s.id for s in supporting("chat", settings)] == ["openai", "anthropic", "mock"]
     with pytest.raises(ValueError, match="capability"):
         supporting("teleport", settings)
+
+
+def test_provider_sdks_load_only_for_providers_in_use():
+    """The OpenAI and Anthropic SDKs take ~65 MB of memory; a dashboard or CLI that only
+    uses the mock provider never loads them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import panel_app.app\n"
+        "from study_query_llm.config import Settings\n"
+        "from study_query_llm.providers import configured, create\n"
+        "configured(Settings())\n"
+        "create('mock', Settings())\n"
+        "print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))\n"
+        "create('vllm', Settings(vllm_base_url='http://127.0.0.1:9/v1'))\n"
+        "print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "['openai']"]

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings, get_settings
-from .anthropic import AnthropicProvider
 from .base import BaseLLMProvider
 from .errors import MissingCredentialError, ProviderConfigurationError
 from .group import GROUP_PREFIX, GroupConfig, TargetConfig, build_group, group_name
@@ -18,7 +17,7 @@ from .local_minilm import MODEL_ID as MINILM_MODEL
 from .local_minilm import LocalMiniLMProvider
 from .local_minilm import unavailable_reason as minilm_unavailable
 from .mock import MockProvider
-from .openai_compatible import PRESETS, OpenAICompatibleProvider
+from .presets import PRESETS
 
 CAPABILITIES = ("chat", "stream", "embeddings", "json_mode")
 
@@ -88,6 +87,8 @@ def _openai_family(provider_id: str, prefix: str) -> ProviderSpec:
         requirements.append(Requirement(url_field, preset.base_url_env_var or "", "base_url"))
 
     def build(settings: Settings, overrides: dict[str, Any]) -> BaseLLMProvider:
+        from .openai_compatible import OpenAICompatibleProvider  # the SDK loads on first use
+
         return OpenAICompatibleProvider(
             preset,
             api_key=_value(settings, overrides, "api_key", key_field),
@@ -114,6 +115,8 @@ def _openai_family(provider_id: str, prefix: str) -> ProviderSpec:
 
 
 def _build_anthropic(settings: Settings, overrides: dict[str, Any]) -> BaseLLMProvider:
+    from .anthropic import AnthropicProvider  # the SDK loads on first use
+
     return AnthropicProvider(
         api_key=_value(settings, overrides, "api_key", "anthropic_api_key"),
         base_url=_value(settings, overrides, "base_url", "anthropic_base_url"),
