@@ -115,7 +115,7 @@ def _sidebar(state: AppState) -> pn.Column:
     async def reload(_event=None) -> None:
         try:
             new_facets = await state.read(state.study.facets)
-            new_groups = await state.read(state.study.groups)
+            new_groups = await state.read(state.study.group_choices)
         except Exception as exc:  # the filters stay usable with the choices they have
             log.warning("could not load filter choices: %s", exc)
             notify(f"Could not load filter choices: {describe_error(exc)}", "error")

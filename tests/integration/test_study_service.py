@@ -362,6 +362,11 @@ def test_groups_list_matches_pandas(record: Record) -> None:
     only = record.study.groups(filters=CallFilters(group_id=record.batch_id))
     assert list(only["id"]) == [record.batch_id]
     assert record.study.group_types() == ["batch", "experiment", "label"]
+    # The pickers' choices: the same groups in the same order, names and types only.
+    choices = record.study.group_choices()
+    listed = record.study.groups()
+    assert list(choices.columns) == ["id", "group_type", "name"]
+    assert choices.to_dict("records") == listed[["id", "group_type", "name"]].to_dict("records")
 
 
 def test_group_calls_in_position_order(record: Record) -> None:

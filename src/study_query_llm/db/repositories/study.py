@@ -209,6 +209,14 @@ class StudyQueries:
             for row in self.session.execute(stmt)
         ]
 
+    def group_choices(self) -> list[tuple[int, str, str]]:
+        """(id, group type, name) of every group, newest first: a picker's choices, without
+        reading any member (cheap however many calls the groups hold)."""
+        stmt = select(Group.id, Group.group_type, Group.name).order_by(
+            Group.created_at.desc(), Group.id.desc()
+        )
+        return [(int(i), t, n) for i, t, n in self.session.execute(stmt)]
+
     def group_types(self) -> list[str]:
         """The group types present (for a type filter)."""
         return list(
