@@ -284,6 +284,22 @@ def test_each_batch_reaches_the_postgres_triggers_as_one_statement(engine: Engin
     check_everything(engine)
 
 
+def test_cells_read_in_small_batches_give_the_same_answers(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cells are read a batch at a time (one batch of latency blobs in memory); the
+    answers do not depend on where the batches split, including a cell whose latencies
+    are behind and must be read from raw_calls in the middle of a batch."""
+    monkeypatch.setattr(rollups, "ROWS_PER_BATCH", 7)
+    record(engine, make_calls(400, seed=21))
+    with engine.begin() as conn:  # a plain INSERT: its cell's latencies fall behind
+        conn.execute(RawCall.__table__.insert(), [make_calls(1, seed=22)[0].row()])
+    with UnitOfWork(engine) as uow:
+        cells = uow.session.scalar(select(func.count()).select_from(CallRollup))
+    assert cells > 3 * 7  # several batches, and a last one that is not full
+    check_everything(engine)
+
+
 def test_reads_never_mix_two_databases(tmp_path: Any) -> None:
     """Two databases with identical cell ids and counts but different latencies: the
     process-wide cache keeps them apart."""

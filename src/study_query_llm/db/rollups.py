@@ -430,31 +430,92 @@ def _read_hours(session: Session, hours: Sequence[int] | None) -> Snapshot:
         f"SELECT {epoch}, {columns}, latencies_count, latencies FROM call_rollup "
         "{where} ORDER BY bucket, id"
     )
-    rows: list[Any] = []
+    batches: list[_CellBatch] = []
+    for rows in _row_batches(session, sql, epoch, hours):
+        batches.append(_cell_batch(session, rows))
+    epochs = _cat([b.epochs for b in batches], "int64")
+    lengths = _cat([b.lengths for b in batches], "int64")
+    starts = np.zeros(len(lengths), dtype="int64")
+    if len(lengths):
+        np.cumsum(lengths[:-1], out=starts[1:])
+    values = _cat([b.values for b in batches], "<f8")
+    values.flags.writeable = False
+    text = {
+        name: np.asarray([v for b in batches for v in b.text[name]], dtype=object)
+        for name in ("provider", "model", "modality", "status")
+    }
+    return Snapshot(
+        versions={},
+        epoch=epochs,
+        **text,
+        measures={
+            name: _cat(
+                [b.measures[name] for b in batches],
+                "float64" if name in ("latency_sum", "cost_sum") else "int64",
+            )
+            for name, _ in MEASURES
+        },
+        starts=starts,
+        lengths=lengths,
+        values=values,
+    )
+
+
+ROWS_PER_BATCH = 5000  # cells read (and their latency blobs held as bytes) at a time
+
+
+@dataclass(frozen=True)
+class _CellBatch:
+    epochs: np.ndarray
+    text: dict[str, list[str]]
+    measures: dict[str, np.ndarray]
+    lengths: np.ndarray
+    values: np.ndarray
+
+
+def _cat(arrays: Sequence[np.ndarray], dtype: str) -> np.ndarray:
+    if not arrays:
+        return np.empty(0, dtype=dtype)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _row_batches(
+    session: Session, sql: str, epoch: str, hours: Sequence[int] | None
+) -> Iterable[list[Any]]:
+    """The cells' rows, a batch at a time: only one batch of latency blobs is held as
+    Python bytes (those are many separate allocations; the merged arrays are few)."""
     if hours is not None and not hours:
-        rows = []
-    elif dialect == "postgresql":
+        return
+    if session.get_bind().dialect.name == "postgresql":
         connection = session.connection().connection.driver_connection
-        with connection.cursor(binary=True) as cursor:  # type: ignore[union-attr]
+        # A server-side cursor: the result is not held whole in the client either.
+        with connection.cursor(name="sqllm_rollup_cells", binary=True) as cursor:  # type: ignore[union-attr]
             if hours is None:
                 cursor.execute(sql.format(where=""))
             else:
                 cursor.execute(sql.format(where=f"WHERE {epoch} = ANY(%s)"), [list(hours)])
-            rows = cursor.fetchall()
-    else:
-        if hours is None:
-            rows = session.connection().exec_driver_sql(sql.format(where="")).all()
-        else:
-            for first in range(0, len(hours), 500):
-                part = list(hours[first : first + 500])
-                marks = ", ".join("?" for _ in part)
-                rows += (
-                    session.connection()
-                    .exec_driver_sql(sql.format(where=f"WHERE {epoch} IN ({marks})"), tuple(part))
-                    .all()
-                )
-    n_columns = 1 + len(_CELL_COLUMNS) + 2
-    columns_of = list(zip(*rows, strict=True)) if rows else [() for _ in range(n_columns)]
+            while rows := cursor.fetchmany(ROWS_PER_BATCH):
+                yield rows
+        return
+    connection = session.connection()
+    if hours is None:
+        result = connection.exec_driver_sql(sql.format(where=""))
+        while rows := result.fetchmany(ROWS_PER_BATCH):
+            yield list(rows)
+        return
+    for first in range(0, len(hours), 500):
+        part = list(hours[first : first + 500])
+        marks = ", ".join("?" for _ in part)
+        yield list(
+            connection.exec_driver_sql(
+                sql.format(where=f"WHERE {epoch} IN ({marks})"), tuple(part)
+            ).all()
+        )
+
+
+def _cell_batch(session: Session, rows: Sequence[Any]) -> _CellBatch:
+    """Columns of one batch of cell rows, with their latencies merged into one array."""
+    columns_of = list(zip(*rows, strict=True))
     epochs = np.asarray(columns_of[0], dtype="int64")
     named = dict(zip(_CELL_COLUMNS, columns_of[1:], strict=False))
     measures = {
@@ -484,22 +545,12 @@ def _read_hours(session: Session, hours: Sequence[int] | None) -> Snapshot:
                 )
             )
     lengths = np.fromiter((len(a) for a in arrays), dtype="int64", count=len(arrays))
-    starts = np.zeros(len(arrays), dtype="int64")
-    if len(arrays):
-        np.cumsum(lengths[:-1], out=starts[1:])
-    values = np.concatenate(arrays) if arrays else _EMPTY
-    values.flags.writeable = False
-    return Snapshot(
-        versions={},
-        epoch=epochs,
-        provider=np.asarray(named["provider"], dtype=object),
-        model=np.asarray(named["model"], dtype=object),
-        modality=np.asarray(named["modality"], dtype=object),
-        status=np.asarray(named["status"], dtype=object),
+    return _CellBatch(
+        epochs=epochs,
+        text={name: list(named[name]) for name in ("provider", "model", "modality", "status")},
         measures=measures,
-        starts=starts,
         lengths=lengths,
-        values=values,
+        values=np.concatenate(arrays) if arrays else _EMPTY,
     )
 
 
