@@ -367,6 +367,8 @@ def test_groups_list_matches_pandas(record: Record) -> None:
     listed = record.study.groups()
     assert list(choices.columns) == ["id", "group_type", "name"]
     assert choices.to_dict("records") == listed[["id", "group_type", "name"]].to_dict("records")
+    counted = record.study.group_choices(members=True)
+    assert list(counted["members"]) == list(listed["members"])  # the empty group has 0
 
 
 def test_group_calls_in_position_order(record: Record) -> None:

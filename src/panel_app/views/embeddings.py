@@ -206,7 +206,7 @@ class EmbeddingsView(pn.viewable.Viewer):
     async def _load_groups(self) -> None:
         """(Re)read the groups for the picker, keeping the current choice where possible."""
         try:
-            frame = await self.state.read(self.state.study.groups)
+            frame = await self.state.read(self.state.study.group_choices, members=True)
         except USER_ERRORS as exc:
             notify(f"Could not read the groups: {describe_error(exc)}", "error")
             return

@@ -255,11 +255,14 @@ class StudyService:
         )
         return pd.DataFrame(rows, columns=_GROUP_COLUMNS)
 
-    def group_choices(self) -> pd.DataFrame:
-        """Every group's id, type and name, newest first (for a group picker; no statistics,
-        so it stays fast with millions of members)."""
-        rows = self._read(lambda uow: StudyQueries(uow.session).group_choices())
-        return pd.DataFrame(rows, columns=["id", "group_type", "name"])
+    def group_choices(self, *, members: bool = False) -> pd.DataFrame:
+        """Every group's id, type and name, newest first, and with `members` its member
+        count (for a group picker; no statistics of the calls, so it stays fast with
+        millions of members)."""
+        rows = self._read(lambda uow: StudyQueries(uow.session).group_choices(members=members))
+        return pd.DataFrame(
+            rows, columns=["id", "group_type", "name", *(["members"] if members else [])]
+        )
 
     def group_types(self) -> list[str]:
         """The group types present in the record (for a type filter)."""

@@ -209,13 +209,23 @@ class StudyQueries:
             for row in self.session.execute(stmt)
         ]
 
-    def group_choices(self) -> list[tuple[int, str, str]]:
+    def group_choices(self, *, members: bool = False) -> list[tuple[Any, ...]]:
         """(id, group type, name) of every group, newest first: a picker's choices, without
-        reading any member (cheap however many calls the groups hold)."""
-        stmt = select(Group.id, Group.group_type, Group.name).order_by(
-            Group.created_at.desc(), Group.id.desc()
-        )
-        return [(int(i), t, n) for i, t, n in self.session.execute(stmt)]
+        reading any call (cheap however many calls the groups hold). With `members`, each
+        group's member count is added (from the memberships' index alone)."""
+        columns: list[Any] = [Group.id, Group.group_type, Group.name]
+        stmt = select(*columns)
+        if members:
+            counts = (
+                select(GroupMember.group_id, func.count(GroupMember.group_id).label("n"))
+                .group_by(GroupMember.group_id)
+                .subquery()
+            )
+            stmt = select(*columns, func.coalesce(counts.c.n, 0)).outerjoin(
+                counts, counts.c.group_id == Group.id
+            )
+        stmt = stmt.order_by(Group.created_at.desc(), Group.id.desc())
+        return [(int(row[0]), *row[1:]) for row in self.session.execute(stmt)]
 
     def group_types(self) -> list[str]:
         """The group types present (for a type filter)."""
