@@ -25,6 +25,7 @@ from bokeh.models import (
 )
 from bokeh.palettes import Category10_10, Category20_20
 from bokeh.plotting import figure
+from scipy.stats import gaussian_kde
 
 TOOLS = "pan,wheel_zoom,box_zoom,reset,save"
 Tooltip = tuple[str, str]  # (label, Bokeh field spec such as "@count{0,0}")
@@ -264,18 +265,18 @@ def distribution_chart(
 
 
 def _violin_outline(name: str, values: np.ndarray, points: int = 80) -> tuple[list, list]:
-    """The outline of a violin at factor `name`: a Gaussian kernel density estimate
-    (Scott's bandwidth), scaled to half a category's width, mirrored."""
+    """The outline of a violin at factor `name`: SciPy's Gaussian kernel density estimate
+    (Scott's bandwidth), scaled to half a category's width, mirrored. Values without any
+    spread (one call, or all equal) get a flat outline."""
     low, high = float(values.min()), float(values.max())
-    spread = float(values.std())
-    bandwidth = 1.06 * spread * len(values) ** (-1 / 5) if spread > 0 else 1.0
-    grid = np.linspace(low - bandwidth, high + bandwidth, points)
-    # Density on the grid in chunks of samples, so memory stays small for big samples.
-    density = np.zeros(points)
-    for start in range(0, len(values), 2000):
-        chunk = values[start : start + 2000]
-        density += np.exp(-0.5 * ((grid[:, None] - chunk[None, :]) / bandwidth) ** 2).sum(axis=1)
-    density = density / density.max() * 0.4
+    if high > low:
+        kde = gaussian_kde(values)
+        pad = float(np.sqrt(kde.covariance[0, 0]))  # one bandwidth beyond the data
+        grid = np.linspace(low - pad, high + pad, points)
+        density = kde(grid)
+        density = density / density.max() * 0.4
+    else:
+        grid, density = np.array([low]), np.array([0.4])
     xs = [(name, float(-d)) for d in density] + [(name, float(d)) for d in density[::-1]]
     ys = list(grid) + list(grid[::-1])
     return xs, ys

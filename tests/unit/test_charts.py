@@ -143,7 +143,11 @@ def test_distribution_draws_each_target_in_name_order(kind: str) -> None:
         drawn = [y for x, y in zip(*outliers.data_source.data.values(), strict=True) if x == "b"]
         assert sorted(drawn) == sorted(v for v in b if v > upper or v < upper_halves["lower"][2])
     else:
-        assert len(glyphs(plot, "Patch")) == 3
+        patches = glyphs(plot, "Patch")
+        assert len(patches) == 3
+        outline = patches[2].data_source.data  # "b": covers its values, half a slot wide
+        assert min(outline["y"]) < b.min() and max(outline["y"]) > b.max()
+        assert max(offset for _, offset in outline["x"]) == pytest.approx(0.4)
 
 
 def test_chart_tabs_build_only_the_chart_in_view() -> None:
