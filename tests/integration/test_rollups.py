@@ -256,12 +256,12 @@ def test_concurrent_writers_keep_the_rollups_exact(engine: Engine) -> None:
     check_everything(engine)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("n", [20, 150])  # a multi-row INSERT and a COPY
-def test_each_batch_reaches_the_postgres_triggers_as_one_statement(engine: Engine, n: int) -> None:
+def test_each_batch_reaches_the_postgres_triggers_as_one_statement(pg_db_url: str, n: int) -> None:
     """The rollup trigger locks a statement's cells in key order, so writers cannot
     deadlock on them; a batch sent as one INSERT per row would lock them in input order."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("statement-level triggers are PostgreSQL's")
+    engine = get_engine(pg_db_url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE statement_sizes (n integer)"))
         conn.execute(
