@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select, text
+from sqlalchemy import Select, Table, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from study_query_llm.db.base import Base
@@ -82,16 +83,21 @@ def allocate_ids(session: Session, model: type[Base], n: int) -> list[int]:
     if n <= 0:
         return []
     table: Table = model.__table__  # type: ignore[assignment]
-    if session.get_bind().dialect.name == "postgresql":
-        values = session.scalars(
-            text(
-                "SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)"
-            ),
-            {"table": table.name, "n": n},
-        )
+    connection = session.connection()  # plain statements: no ORM work on a hot path
+    if connection.dialect.name == "postgresql":
+        values = connection.scalars(_NEXT_IDS, {"table": table.name, "n": n})
         return sorted(int(v) for v in values)
-    first = int(session.scalar(select(func.coalesce(func.max(table.c.id), 0))) or 0) + 1
+    first = int(connection.scalar(_max_id(table)) or 0) + 1
     return list(range(first, first + n))
+
+
+_NEXT_IDS = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)")
+
+
+@functools.cache
+def _max_id(table: Table) -> Select[tuple[int]]:
+    """`SELECT coalesce(max(id), 0)` for `table`, built once."""
+    return select(func.coalesce(func.max(table.c.id), 0))
 
 
 def id_ranges(ids: Sequence[int]) -> list[tuple[int, int]]:

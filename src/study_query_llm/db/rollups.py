@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, bindparam, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from study_query_llm.db.column_types import as_utc
@@ -82,22 +82,46 @@ def unpack(blob: bytes | None) -> np.ndarray:
 # --- writing ------------------------------------------------------------------------------
 
 
-def add_range(session: Session, first_id: int, last_id: int) -> None:
-    """Add the counts and sums of the calls with ids in [first_id, last_id] (SQLite's bulk
-    path; on PostgreSQL the insert trigger does this)."""
+def _add_range_sql() -> Any:
     columns = ", ".join([*KEYS, *(name for name, _ in MEASURES)])
     aggregates = ", ".join(expr for _, expr in MEASURES)
     updates = ", ".join(f"{name} = cell.{name} + excluded.{name}" for name, _ in MEASURES)
-    session.execute(
-        text(
-            f"INSERT INTO call_rollup AS cell ({columns}) "
-            f"SELECT {SQLITE_BUCKET}, provider, model, modality, status, {aggregates} "
-            "FROM raw_calls WHERE id BETWEEN :first AND :last "
-            "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
-            f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET {updates}"
-        ),
-        {"first": first_id, "last": last_id},
+    return text(
+        f"INSERT INTO call_rollup AS cell ({columns}) "
+        f"SELECT {SQLITE_BUCKET}, provider, model, modality, status, {aggregates} "
+        "FROM raw_calls WHERE id BETWEEN :first AND :last "
+        "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
+        f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET {updates}"
     )
+
+
+_ADD_RANGE = _add_range_sql()
+_CELLS = CallRollup.__table__
+# The cells a batch touched, with their stored latencies: one statement, keyed exactly.
+_TOUCHED_CELLS = (
+    select(
+        _CELLS.c.id,
+        _CELLS.c.bucket,
+        _CELLS.c.provider,
+        _CELLS.c.model,
+        _CELLS.c.modality,
+        _CELLS.c.status,
+        _CELLS.c.latency_count,
+        _CELLS.c.latencies_count,
+        _CELLS.c.latencies,
+    )
+    .where(tuple_(*(_CELLS.c[key] for key in KEYS)).in_(bindparam("cells", expanding=True)))
+    .order_by(_CELLS.c.id)  # update in id order: no deadlocks between writers
+)
+_SET_LATENCIES = text(
+    "UPDATE call_rollup SET latencies = :blob, latencies_count = :n WHERE id = :cell"
+)
+
+
+def add_range(session: Session, first_id: int, last_id: int) -> None:
+    """Add the counts and sums of the calls with ids in [first_id, last_id] (SQLite's bulk
+    path; on PostgreSQL the insert trigger does this)."""
+    session.connection().execute(_ADD_RANGE, {"first": first_id, "last": last_id})
 
 
 def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -117,43 +141,22 @@ def merge_latencies(session: Session, rows: Iterable[dict[str, Any]]) -> None:
             added[(*_cell_key(row), row["status"])].append(float(latency))
     if not added:
         return
-    hours = sorted({key[0] for key in added})
-    cells = []
-    for first in range(0, len(hours), 500):
-        cells += session.execute(
-            select(
-                CallRollup.id,
-                CallRollup.bucket,
-                CallRollup.provider,
-                CallRollup.model,
-                CallRollup.modality,
-                CallRollup.status,
-                CallRollup.latency_count,
-                CallRollup.latencies_count,
-            ).where(CallRollup.bucket.in_(hours[first : first + 500]))
-        ).all()
-    touched = [cell for cell in cells if tuple(cell[1:6]) in added]
-    touched.sort(key=lambda cell: cell.id)  # update in id order: no deadlocks between writers
-    blobs: dict[int, bytes | None] = {}
-    for first in range(0, len(touched), 1000):
-        ids = [cell.id for cell in touched[first : first + 1000]]
-        found = session.execute(
-            select(CallRollup.id, CallRollup.latencies).where(CallRollup.id.in_(ids))
-        )
-        blobs.update((int(cell_id), blob) for cell_id, blob in found)
+    connection = session.connection()  # plain statements: this runs with every write
+    keys = list(added)
     updates = []
-    for cell in touched:
-        new = np.sort(np.asarray(added[tuple(cell[1:6])], dtype="<f8"), kind="stable")
-        if cell.latencies_count == cell.latency_count - len(new):
-            merged = np.sort(np.concatenate([unpack(blobs.get(cell.id)), new]), kind="stable")
-        else:  # behind (rows inserted some other way): read the whole cell
-            merged = _cell_latencies(session, *cell[1:6])
-        updates.append({"cell": cell.id, "blob": pack(merged), "n": len(merged)})
+    for first in range(0, len(keys), 500):
+        found = connection.execute(_TOUCHED_CELLS, {"cells": keys[first : first + 500]})
+        for cell in found:
+            cell_key = (as_utc(cell.bucket), *cell[2:6])
+            new = np.sort(np.asarray(added[cell_key], dtype="<f8"), kind="stable")
+            if cell.latencies_count == cell.latency_count - len(new):
+                merged = np.sort(np.concatenate([unpack(cell.latencies), new]), kind="stable")
+            else:  # behind (rows inserted some other way): read the whole cell
+                merged = _cell_latencies(session, *cell_key)
+            updates.append({"cell": cell.id, "blob": pack(merged), "n": len(merged)})
     if updates:
-        session.execute(
-            text("UPDATE call_rollup SET latencies = :blob, latencies_count = :n WHERE id = :cell"),
-            updates,
-        )
+        updates.sort(key=lambda update: update["cell"])  # id order across the chunks too
+        connection.execute(_SET_LATENCIES, updates)
 
 
 def _cell_latencies(

@@ -32,25 +32,24 @@ def defer(session: Session, ranges: Sequence[tuple[int, int]]) -> None:
         )
 
 
+_INDEX_POSTGRES = text(
+    "INSERT INTO raw_call_search_text (id, prompt_text, response_text) "
+    "SELECT id, sqllm_prompt_text(request_json), sqllm_response_text(response_json) "
+    "FROM raw_calls WHERE id BETWEEN :first AND :last ON CONFLICT (id) DO NOTHING"
+)
+_INDEX_SQLITE = text(
+    "INSERT INTO raw_calls_fts(rowid, prompt_text, response_text) "
+    "SELECT id, prompt_text, response_text FROM raw_call_search_text "
+    "WHERE id BETWEEN :first AND :last"
+)
+
+
 def index_range(session: Session, first_id: int, last_id: int) -> None:
     """Index the search text of the calls with ids in [first_id, last_id]."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text(
-                "INSERT INTO raw_call_search_text (id, prompt_text, response_text) "
-                "SELECT id, sqllm_prompt_text(request_json), sqllm_response_text(response_json) "
-                "FROM raw_calls WHERE id BETWEEN :first AND :last ON CONFLICT (id) DO NOTHING"
-            ),
-            {"first": first_id, "last": last_id},
-        )
-        return
-    session.execute(
-        text(
-            "INSERT INTO raw_calls_fts(rowid, prompt_text, response_text) "
-            "SELECT id, prompt_text, response_text FROM raw_call_search_text "
-            "WHERE id BETWEEN :first AND :last"
-        ),
-        {"first": first_id, "last": last_id},
+    connection = session.connection()
+    postgres = connection.dialect.name == "postgresql"
+    connection.execute(
+        _INDEX_POSTGRES if postgres else _INDEX_SQLITE, {"first": first_id, "last": last_id}
     )
 
 

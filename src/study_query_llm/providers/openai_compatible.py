@@ -99,31 +99,44 @@ class OpenAICompatibleProvider(BaseLLMProvider):
             body["seed"] = options.seed
         if options.json_mode:
             body["response_format"] = {"type": "json_object"}
-        if options.timeout_s is not None:
-            body["timeout"] = options.timeout_s
         return body
+
+    def _request_options(self, options: CompletionOptions) -> dict[str, Any]:
+        """The SDK's per-request options (not part of the body)."""
+        return {} if options.timeout_s is None else {"timeout": options.timeout_s}
 
     async def _complete(
         self, messages: list[Message], model: str, options: CompletionOptions
     ) -> ProviderResponse:
         clock = Stopwatch()
         body = self._request(messages, model, options)
-        completion = await self._call(model, lambda: self._client.chat.completions.create(**body))
-        if not isinstance(completion, openai.types.chat.ChatCompletion) or not completion.choices:
-            raise self._malformed(model, completion)
-        choice = completion.choices[0]
-        usage = completion.usage
+        request_options = self._request_options(options)
+        # The SDK's own request path (base URL, auth, Azure deployment routing, error
+        # types), given a body that is already plain JSON: `create()` would walk it again
+        # through its typed-parameter transform, and build a typed model from the reply
+        # that would only be dumped back to JSON for the record. The record keeps the
+        # body exactly as the provider sent it.
+        raw = await self._call(
+            model,
+            lambda: self._client.post(
+                "/chat/completions", body=body, options=request_options, cast_to=object
+            ),
+        )
+        fields = _completion_fields(raw)
+        if fields is None:
+            raise self._malformed(model, raw)
+        text, served_model, finish_reason, response_id, usage = fields
         return ProviderResponse(
-            text=choice.message.content or "",
+            text=text,
             provider=self.name,
-            model=completion.model or model,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            total_tokens=usage.total_tokens if usage else None,
+            model=served_model or model,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
             latency_ms=clock.ms(),
-            finish_reason=choice.finish_reason,
-            metadata={"response_id": completion.id, "requested_model": model},
-            raw_response=completion.model_dump(mode="json", exclude_none=True),
+            finish_reason=finish_reason,
+            metadata={"response_id": response_id, "requested_model": model},
+            raw_response=raw,
         )
 
     async def _stream(
@@ -132,6 +145,7 @@ class OpenAICompatibleProvider(BaseLLMProvider):
         clock = Stopwatch()
         body = self._request(messages, model, options)
         body["stream"] = True
+        body.update(self._request_options(options))
         if self.preset.stream_usage:
             body["stream_options"] = {"include_usage": True}
         stream = await self._call(model, lambda: self._client.chat.completions.create(**body))
@@ -313,6 +327,50 @@ class OpenAICompatibleProvider(BaseLLMProvider):
             base_url=self.base_url,
             key_env_var=self.preset.key_env_var,
         )
+
+
+def _completion_fields(
+    raw: Any,
+) -> tuple[str, str | None, str | None, str | None, dict[str, int | None]] | None:
+    """(text, model, finish reason, response id, usage) of a chat completion body.
+
+    None when the body is not a completion: not an object, no choices, a first choice
+    without a message, or fields of the wrong type.
+    """
+    if not isinstance(raw, dict):
+        return None
+    choices = raw.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return None
+    text = message.get("content")
+    served_model, finish_reason, response_id = (
+        raw.get("model"),
+        choice.get("finish_reason"),
+        raw.get("id"),
+    )
+    if not all(v is None or isinstance(v, str) for v in (text, served_model, finish_reason)):
+        return None
+    usage_body = raw.get("usage")
+    usage: dict[str, int | None] = {}
+    if isinstance(usage_body, dict):
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            value = usage_body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                return None
+            usage[name] = value
+    elif usage_body is not None:
+        return None
+    return (
+        text or "",
+        served_model,
+        finish_reason,
+        None if response_id is None else str(response_id),
+        usage,
+    )
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -8,13 +8,33 @@ from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from study_query_llm.db.column_types import utcnow
 from study_query_llm.db.models_jobs import BatchJob, BatchJobItem
 
 INSERT_CHUNK = 5_000
+
+_ITEMS = BatchJobItem.__table__
+# Finishing an item runs once per call, inside the transaction that records it: a plain
+# table statement, built once, with no ORM session bookkeeping (nothing is loaded to keep
+# in step) and its compiled form cached.
+_FINISH = (
+    update(_ITEMS)
+    .where(
+        _ITEMS.c.id == bindparam("item_id"),
+        _ITEMS.c.status.in_(("pending", "claimed"))
+        | ((_ITEMS.c.status == "cancelled") & _ITEMS.c.call_id.is_(None)),
+    )
+    .values(
+        status=bindparam("new_status"),
+        call_id=bindparam("new_call_id"),
+        claimed_by=None,
+        lease_expires_at=None,
+        updated_at=bindparam("now"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -240,22 +260,9 @@ class JobRepository:
         finished: a call that was already under way when the job was cancelled and then
         succeeded is the item's answer, and reopening the job must not call it again.
         """
-        result = self.session.execute(
-            update(BatchJobItem)
-            .where(
-                BatchJobItem.id == item_id,
-                BatchJobItem.status.in_(("pending", "claimed"))
-                | ((BatchJobItem.status == "cancelled") & BatchJobItem.call_id.is_(None)),
-            )
-            .values(
-                status=status,
-                call_id=call_id,
-                claimed_by=None,
-                lease_expires_at=None,
-                updated_at=utcnow(),
-            )
-            # No loaded item objects to keep in step: skip the ORM's per-row evaluation.
-            .execution_options(synchronize_session=False)
+        result = self.session.connection().execute(
+            _FINISH,
+            {"item_id": item_id, "new_status": status, "new_call_id": call_id, "now": utcnow()},
         )
         return (result.rowcount or 0) == 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import bindparam, delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from study_query_llm.db import aggregates, rollup_read, rollups, search, search_index
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 NO_FILTERS = CallFilters()
+
+
+_RANGES = BulkInsertRange.__table__
+_MARK_RANGES = insert(_RANGES)
+_UNMARK_RANGES = delete(_RANGES).where(_RANGES.c.first_id.in_(bindparam("firsts", expanding=True)))
 
 
 class RawCallRepository:
@@ -51,13 +56,12 @@ class RawCallRepository:
         if not rows:
             return []
         session = self.session
-        sqlite = session.get_bind().dialect.name == "sqlite"
+        connection = session.connection()  # plain statements below: no ORM work per batch
+        sqlite = connection.dialect.name == "sqlite"
         ids = allocate_ids(session, RawCall, len(rows))
         ranges = id_ranges(ids)
         if sqlite:  # the per-row triggers skip these ids; this batch is done below
-            session.execute(
-                insert(BulkInsertRange), [{"first_id": a, "last_id": b} for a, b in ranges]
-            )
+            connection.execute(_MARK_RANGES, [{"first_id": a, "last_id": b} for a, b in ranges])
         elif defer_search_index:  # the search trigger skips this transaction's rows
             session.execute(text("SELECT set_config('sqllm.defer_search_index', 'on', true)"))
         if defer_search_index:
@@ -68,9 +72,7 @@ class RawCallRepository:
                 rollups.add_range(session, first, last)
                 if not defer_search_index:
                     search_index.index_range(session, first, last)
-            session.execute(
-                delete(BulkInsertRange).where(BulkInsertRange.first_id.in_([a for a, _ in ranges]))
-            )
+            connection.execute(_UNMARK_RANGES, {"firsts": [a for a, _ in ranges]})
         elif defer_search_index:
             session.execute(text("SELECT set_config('sqllm.defer_search_index', 'off', true)"))
         rollups.merge_latencies(session, rows)
