@@ -32,6 +32,7 @@ from study_query_llm.db.connection import UnitOfWork, dispose_engine, get_engine
 from study_query_llm.db.models_jobs import BatchJob, BatchJobItem
 from study_query_llm.db.models_v1 import InferenceRun
 from study_query_llm.db.models_v2 import Group, GroupMember, RawCall
+from study_query_llm.db.records import NewCall
 from study_query_llm.db.repositories.jobs import JobRepository
 from study_query_llm.providers import ProviderError, create
 from study_query_llm.services._common import ProviderPool
@@ -908,6 +909,53 @@ async def test_dead_workers_items_are_taken_over_after_their_lease(
     assert loopback.count(CHAT) == 10
     assert_each_item_has_one_final_record(rig.engine, job_id)
     assert (await rig.batches.job(job_id))["status"] == "completed"
+
+
+async def test_items_finished_together_first_outcome_wins(rig: Rig) -> None:
+    """`finish_many` (the recorder finishes a transaction's items with it): an open item
+    takes its first outcome, a second outcome for it and an item already finished lose,
+    and an item cancelled before any call finished it can still take its answer."""
+    job_id = await rig.batches.create_job([f"together {i}" for i in range(4)], [OPENAI])
+
+    def setup(uow: UnitOfWork) -> tuple[list[int], list[int]]:
+        jobs = JobRepository(uow.session)
+        claimed = [item.id for item in jobs.claim(job_id, "w", limit=3, lease_s=60)]
+        jobs.cancel_open(job_id)  # the fourth item, never claimed
+        call_ids = uow.calls.add_many(
+            [
+                NewCall(provider="openai", model=OPENAI.model, modality="chat",
+                        status="success", request_json={"n": n})
+                for n in range(6)
+            ]
+        )  # fmt: skip
+        assert jobs.finish(claimed[0], status="succeeded", call_id=call_ids[0])
+        return claimed, call_ids
+
+    (first, second, third), call_ids = await asyncio.to_thread(run_write, rig.engine, setup)
+    fourth = next(item.id for item in items_of(rig.engine, job_id) if item.status == "cancelled")
+    won = await asyncio.to_thread(
+        run_write,
+        rig.engine,
+        lambda uow: JobRepository(uow.session).finish_many(
+            [
+                (second, "succeeded", call_ids[1]),
+                (first, "succeeded", call_ids[2]),  # finished before
+                (second, "failed", call_ids[3]),  # a later outcome for the same item
+                (fourth, "succeeded", call_ids[4]),  # cancelled without an answer
+                (third, "failed", call_ids[5]),
+            ]
+        ),
+    )
+
+    assert won == [True, False, False, True, True]
+    items = {item.id: item for item in items_of(rig.engine, job_id)}
+    assert [(items[i].status, items[i].call_id) for i in (first, second, third, fourth)] == [
+        ("succeeded", call_ids[0]),
+        ("succeeded", call_ids[1]),
+        ("failed", call_ids[5]),
+        ("succeeded", call_ids[4]),
+    ]
+    assert all(item.claimed_by is None and item.lease_expires_at is None for item in items.values())
 
 
 async def test_lease_renewal_skips_items_being_finished_instead_of_waiting(rig: Rig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import Engine, select, text
@@ -19,6 +19,7 @@ from study_query_llm.config import Settings
 from study_query_llm.db.connection import UnitOfWork
 from study_query_llm.db.models_v1 import InferenceRun
 from study_query_llm.db.models_v2 import GroupMember, RawCall
+from study_query_llm.db.records import NewCall
 from study_query_llm.providers import (
     BadRequestError,
     BaseLLMProvider,
@@ -37,7 +38,7 @@ from study_query_llm.services.inference import (
     request_hash,
 )
 from study_query_llm.services.preprocessing import PreprocessConfig
-from study_query_llm.services.recorder import CallRecorder, RecordingError
+from study_query_llm.services.recorder import CallRecorder, RecordingError, WrittenTogether
 from study_query_llm.testing.server import Fault, LoopbackServer, count_tokens, reply_text
 
 MODEL = "gpt-4o-mini"
@@ -687,6 +688,41 @@ async def test_concurrent_runs_are_recorded_in_few_transactions(
     for i, result in enumerate(results):
         assert by_id[result.call_id].request_json["messages"][0]["content"] == f"Prompt {i}"
     assert len(runs(sqlite_engine)) == 200
+
+
+async def test_extra_work_of_one_kind_is_done_together_per_transaction(sqlite_engine: Engine):
+    """Records queued together are written in one transaction, and their `WrittenTogether`
+    extra work is handed over in one call, in queue order, with each record's id."""
+
+    class Together(WrittenTogether):
+        handed: ClassVar[list[list[tuple[int, int, str]]]] = []
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        @classmethod
+        def write_all(cls, uow: UnitOfWork, entries: list[tuple[Any, int, str]]) -> None:
+            assert uow.calls.get(entries[-1][1]) is not None  # in the same transaction
+            cls.handed.append([(after.n, call_id, status) for after, call_id, status in entries])
+
+    recorder = CallRecorder(sqlite_engine)
+    statuses = ["success", "failed", "success", "timeout", "success"]
+    try:
+        ids = await asyncio.gather(
+            *[
+                recorder.record(
+                    NewCall(provider="mock", model="m", modality="chat", status=status,
+                            request_json={"n": n}),
+                    after=Together(n),
+                )
+                for n, status in enumerate(statuses)
+            ]
+        )  # fmt: skip
+    finally:
+        await recorder.aclose()
+
+    assert recorder.transactions == 1
+    assert Together.handed == [[(n, ids[n], status) for n, status in enumerate(statuses)]]
 
 
 async def _run_many(

@@ -44,7 +44,7 @@ from ..providers import ProviderError
 from ..providers.group import GROUP_PREFIX
 from .inference import InferenceService, RetryPolicy, RunResult
 from .preprocessing import PreprocessConfig
-from .recorder import RecordingError
+from .recorder import AfterWrite, RecordingError, WrittenTogether
 
 log = logging.getLogger(__name__)
 
@@ -461,18 +461,8 @@ class BatchService:
                     return None
                 return local.popleft()
 
-        def finisher(item: ClaimedItem, won: list[bool]) -> Callable[[UnitOfWork, int, str], None]:
-            def finish(uow: UnitOfWork, call_id: int, status: str) -> None:
-                item_status = {"success": "succeeded", "cancelled": "cancelled"}.get(
-                    status, "failed"
-                )
-                won[0] = JobRepository(uow.session).finish(
-                    item.id, status=item_status, call_id=call_id
-                )
-                if not won[0] and group_id is not None:
-                    uow.groups.set_member_role(group_id, call_id, "superseded")
-
-            return finish
+        def finisher(item: ClaimedItem, won: list[bool]) -> AfterWrite:
+            return _FinishItem(item.id, won, group_id)
 
         def on_retry(_error: ProviderError, _attempt: int) -> None:
             progress.retrying += 1
@@ -689,3 +679,31 @@ def _log_db_retry(state: RetryCallState) -> None:
 
 def _seconds_until(when: datetime) -> float:
     return max(0.0, (when - utcnow()).total_seconds())
+
+
+_ITEM_STATUS = {"success": "succeeded", "cancelled": "cancelled"}
+
+
+@dataclass(eq=False)
+class _FinishItem(WrittenTogether):
+    """Marks a batch item done in the transaction that records its final call. The items
+    finished in one transaction are marked together; `won[0]` says whether this call
+    became the item's answer (False: another worker's call finished the item first, and
+    this call's group membership is marked superseded)."""
+
+    item_id: int
+    won: list[bool]
+    group_id: int | None
+
+    @classmethod
+    def write_all(cls, uow: UnitOfWork, entries: list[tuple[Any, int, str]]) -> None:
+        won = JobRepository(uow.session).finish_many(
+            [
+                (finish.item_id, _ITEM_STATUS.get(status, "failed"), call_id)
+                for finish, call_id, status in entries
+            ]
+        )
+        for (finish, call_id, _status), item_won in zip(entries, won, strict=True):
+            finish.won[0] = item_won
+            if not item_won and finish.group_id is not None:
+                uow.groups.set_member_role(finish.group_id, call_id, "superseded")

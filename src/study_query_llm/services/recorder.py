@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 AfterWrite = Callable[[UnitOfWork, int, str], None]
 
 
+class WrittenTogether:
+    """Extra work (an `AfterWrite`) whose instances of one class, queued in one
+    transaction, are done together by `write_all` (one statement rather than one each)."""
+
+    def __call__(self, uow: UnitOfWork, call_id: int, status: str) -> None:
+        type(self).write_all(uow, [(self, call_id, status)])
+
+    @classmethod
+    def write_all(cls, uow: UnitOfWork, entries: list[tuple[Any, int, str]]) -> None:
+        """Do the work of every (instance, call id, status) entry, in the order given."""
+        raise NotImplementedError
+
+
 class RecordingError(RuntimeError):
     """A call could not be recorded. `call_id` is set when the v2 row landed but v1 did not."""
 
@@ -223,9 +236,15 @@ def _write_all(uow: UnitOfWork, batch: list[_Pending]) -> list[int]:
         if pending.group_id is not None:
             placements.append((pending.group_id, call_id, pending.position, pending.role))
     uow.groups.place_new_calls(placements)  # one statement for the whole batch
+    together: dict[type, list[tuple[Any, int, str]]] = {}
     for pending, call_id in zip(batch, ids, strict=True):
-        if pending.after is not None:  # may look at the memberships placed above
-            pending.after(uow, call_id, pending.call.status)
+        after = pending.after
+        if isinstance(after, WrittenTogether):
+            together.setdefault(type(after), []).append((after, call_id, pending.call.status))
+        elif after is not None:  # may look at the memberships placed above
+            after(uow, call_id, pending.call.status)
+    for kind, entries in together.items():
+        kind.write_all(uow, entries)
     if runs:
         uow.runs.add_many(runs)
     return ids

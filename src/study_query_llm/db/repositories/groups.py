@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,19 @@ from study_query_llm.db.errors import GroupExistsError, GroupNotFoundError
 from study_query_llm.db.models_v2 import Group, GroupMember
 
 _UNSET: Any = object()
+
+
+_GROUPS = Group.__table__
+_MEMBERS = GroupMember.__table__
+_FIND_GROUPS = (
+    select(_GROUPS.c.id)
+    .where(_GROUPS.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_GROUPS.c.id)
+)
+_LOCK_GROUPS = _FIND_GROUPS.with_for_update()
+_LAST_POSITION = select(func.max(_MEMBERS.c.position)).where(
+    _MEMBERS.c.group_id == bindparam("group_id")
+)
 
 
 class GroupRepository:
@@ -194,13 +207,20 @@ class GroupRepository:
         if not placements:
             return
         appending = {group_id for group_id, _, position, _ in placements if position is None}
-        for group_id in sorted({group_id for group_id, *_ in placements}):
-            self._require(group_id, lock=group_id in appending)
+        placing = {group_id for group_id, *_ in placements}
+        # Plain statements (this runs with every recorded batch): check the groups exist,
+        # locking the ones appended to, in id order.
+        connection = self.session.connection()
+        found: set[int] = set()
+        for ids, statement in ((appending, _LOCK_GROUPS), (placing - appending, _FIND_GROUPS)):
+            if ids:
+                found.update(connection.scalars(statement, {"ids": sorted(ids)}))
+        missing = sorted(placing - found)
+        if missing:
+            raise GroupNotFoundError(f"no group with id {missing[0]}")
         next_position = {}
-        for group_id in appending:
-            last = self.session.scalar(
-                select(func.max(GroupMember.position)).where(GroupMember.group_id == group_id)
-            )
+        for group_id in sorted(appending):
+            last = connection.scalar(_LAST_POSITION, {"group_id": group_id})
             next_position[group_id] = 0 if last is None else last + 1
         rows = []
         for group_id, call_id, position, role in placements:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
@@ -27,6 +27,28 @@ _FINISH = (
         _ITEMS.c.status.in_(("pending", "claimed"))
         | ((_ITEMS.c.status == "cancelled") & _ITEMS.c.call_id.is_(None)),
     )
+    .values(
+        status=bindparam("new_status"),
+        call_id=bindparam("new_call_id"),
+        claimed_by=None,
+        lease_expires_at=None,
+        updated_at=bindparam("now"),
+    )
+)
+_FINISHABLE = (
+    select(_ITEMS.c.id)
+    .where(
+        _ITEMS.c.id.in_(bindparam("ids", expanding=True)),
+        _ITEMS.c.status.in_(("pending", "claimed"))
+        | ((_ITEMS.c.status == "cancelled") & _ITEMS.c.call_id.is_(None)),
+    )
+    .order_by(_ITEMS.c.id)
+    .with_for_update()
+)
+# Items `_FINISHABLE` found (and locked) in this transaction: finished by id alone.
+_FINISH_FOUND = (
+    update(_ITEMS)
+    .where(_ITEMS.c.id == bindparam("item_id"))
     .values(
         status=bindparam("new_status"),
         call_id=bindparam("new_call_id"),
@@ -265,6 +287,31 @@ class JobRepository:
             {"item_id": item_id, "new_status": status, "new_call_id": call_id, "now": utcnow()},
         )
         return (result.rowcount or 0) == 1
+
+    def finish_many(self, outcomes: Sequence[tuple[int, str, int]]) -> list[bool]:
+        """`finish` for many (item id, status, call id) at once, in two statements: which
+        of the items can still be finished (locked, on PostgreSQL, in id order), then one
+        batched update of those. Returns, for each outcome in order, whether it won (the
+        first outcome for an item wins; later ones, and items already finished, lose)."""
+        if not outcomes:
+            return []
+        connection = self.session.connection()
+        open_ids = set(
+            connection.scalars(_FINISHABLE, {"ids": sorted({item for item, *_ in outcomes})})
+        )
+        won = []
+        updates = []
+        now = utcnow()
+        for item_id, status, call_id in outcomes:
+            won.append(item_id in open_ids)
+            if won[-1]:
+                open_ids.discard(item_id)
+                updates.append(
+                    {"item_id": item_id, "new_status": status, "new_call_id": call_id, "now": now}
+                )
+        if updates:
+            connection.execute(_FINISH_FOUND, updates)
+        return won
 
     def cancel_open(self, job_id: int) -> int:
         """Mark every pending item cancelled (claimed ones finish or are released)."""
