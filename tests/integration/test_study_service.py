@@ -371,6 +371,36 @@ def test_groups_list_matches_pandas(record: Record) -> None:
     assert list(counted["members"]) == list(listed["members"])  # the empty group has 0
 
 
+def test_groups_list_a_page_at_a_time(record: Record) -> None:
+    """Pages of the list are slices of the whole list (same statistics), newest first;
+    the count says how many there are for the same type and filters."""
+    for group_type, filters in (
+        (None, CallFilters()),
+        (None, CallFilters(providers=("openai",))),
+        ("label", CallFilters()),
+        (None, CallFilters(group_id=record.batch_id)),
+    ):
+        whole = record.study.groups(group_type, filters)
+        assert record.study.group_count(group_type, filters) == len(whole)
+        pages = [
+            record.study.groups(group_type, filters, limit=2, offset=offset)
+            for offset in range(0, len(whole) + 2, 2)
+        ]
+        assert all(len(page) <= 2 for page in pages) and pages[-1].empty
+        joined = pd.concat([page for page in pages if not page.empty], ignore_index=True)
+        # (the same sums, added up in the order the database chose for each query)
+        pd.testing.assert_frame_equal(
+            joined.fillna({"description": ""}),
+            whole.fillna({"description": ""}),
+            check_dtype=False,
+            rtol=1e-12,
+        )
+    assert record.study.group_count() == 3
+    for bad in ({"limit": 0}, {"limit": 5, "offset": -1}):
+        with pytest.raises(ValueError, match="limit must be at least 1"):
+            record.study.groups(**bad)
+
+
 def test_group_calls_in_position_order(record: Record) -> None:
     got = record.study.group_calls(record.batch_id)
     ids = record.members[record.batch_id]

@@ -13,15 +13,16 @@ import json
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
 from playwright.sync_api import Locator, Page, expect
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, insert, select
 from ui_helpers import open_tab, run_prompt, screenshot, text_of
 
 from study_query_llm.config import Settings
-from study_query_llm.db.models_v2 import RawCall
+from study_query_llm.db.models_v2 import Group, RawCall
 from study_query_llm.services.context import open_services
 from study_query_llm.services.jobs import Target
 
@@ -286,3 +287,42 @@ def test_batch_shows_html_prompts_as_text(page: Page) -> None:
     expect(page.locator(".sqllm-batch-results .tabulator-row", has_text=XSS)).to_have_count(1)
     expect(page.locator(".sqllm-batch-matrix")).to_contain_text(f"{XSS} {word}")
     expect(page.locator("img[src='x']")).to_have_count(0)
+
+
+def test_groups_list_pages_through_many_groups(page: Page, dashboard) -> None:
+    """The list shows 50 groups a page, newest first; Older and Newer move between pages."""
+    kind = unique("paging")
+    engine = create_engine(dashboard.database_url)
+    try:
+        with engine.begin() as conn:
+            for i in range(55):  # back-dated: other tests' lists of all types keep their page
+                conn.execute(
+                    insert(Group).values(
+                        group_type=kind,
+                        name=f"page group {i:02d}",
+                        created_at=datetime(2001, 1, 1, tzinfo=UTC) + timedelta(minutes=i),
+                    )
+                )
+    finally:
+        engine.dispose()
+
+    open_tab(page, "Groups")
+    page.locator(".sqllm-groups-type select").select_option(kind)
+    label = page.locator(".sqllm-groups-page")
+    rows = page.locator(".sqllm-groups-table .tabulator-row")
+    expect(label).to_contain_text("Groups 1–50 of 55 (newest first)")
+    expect(rows.first).to_contain_text("page group 54")
+    newer = page.locator(".sqllm-groups-prev button")
+    older = page.locator(".sqllm-groups-next button")
+    expect(newer).to_be_disabled()
+
+    older.click()
+    expect(label).to_contain_text("Groups 51–55 of 55")
+    expect(rows).to_have_count(5)
+    expect(rows.last).to_contain_text("page group 00")
+    expect(older).to_be_disabled()
+
+    newer.click()
+    expect(label).to_contain_text("Groups 1–50 of 55")
+    expect(rows.first).to_contain_text("page group 54")
+    screenshot(page, "groups-paged")

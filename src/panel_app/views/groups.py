@@ -1,7 +1,9 @@
 """Groups tab: batches, sweeps, labels, chats with statistics; open, compare, rename, label.
 
 The list's statistics cover the member calls that match the sidebar's filters (`members`
-counts all of them); an opened group lists every member call in position order. Renames,
+counts all of them). The list comes a page of groups at a time, newest first, and only
+that page's statistics are computed: a record with millions of group members lists
+quickly. An opened group lists every member call in position order. Renames,
 descriptions and labels are written through `GroupService` off the event loop, and
 `state.recorded()` tells the other tabs (and the sidebar's group choice) afterwards.
 
@@ -10,6 +12,7 @@ CSS classes (stable hooks for UI tests):
 - `sqllm-groups-type`        the group-type filter
 - `sqllm-groups-message`     status line of the list (empty record, errors)
 - `sqllm-groups-table`       the list of groups (click a row to open the group)
+- `sqllm-groups-prev`, `sqllm-groups-next`, `sqllm-groups-page`  paging of the list
 - `sqllm-group-detail`       the opened group: header, statistics, calls, forms
 - `sqllm-group-header`       its type, name and description
 - `sqllm-group-stats`        its summary cards
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 
 ALL_TYPES = "(all types)"
 PAGE_SIZE = 200
+GROUPS_PAGE = 50
 GROUP_COLUMNS = [
     "id",
     "group_type",
@@ -120,6 +124,7 @@ class GroupsView(pn.viewable.Viewer):
     )
     group_id = param.Integer(default=None, allow_None=True, doc="The opened group (None: none).")
     offset = param.Integer(default=0, bounds=(0, None), doc="First call shown of the group.")
+    groups_offset = param.Integer(default=0, bounds=(0, None), doc="First group listed.")
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -129,6 +134,8 @@ class GroupsView(pn.viewable.Viewer):
         self._layout: pn.viewable.Viewable | None = None
         self._service = GroupService(self.state.services.engine)
         self._groups = pd.DataFrame(columns=GROUP_COLUMNS)
+        self._group_total = 0
+        self._listed_for: tuple[Any, ...] | None = None  # (type, filters) of the list shown
         self._calls = pd.DataFrame()
         self._size = 0
         self._compared = pd.DataFrame()
@@ -175,6 +182,15 @@ class GroupsView(pn.viewable.Viewer):
             css_classes=["sqllm-groups-table"],
         )
         self._table.on_click(self._on_group_click)
+        self._groups_prev = pn.widgets.Button(
+            name="◀ Newer", width=110, disabled=True, css_classes=["sqllm-groups-prev"]
+        )
+        self._groups_next = pn.widgets.Button(
+            name="Older ▶", width=110, disabled=True, css_classes=["sqllm-groups-next"]
+        )
+        self._groups_prev.on_click(self._on_groups_prev)
+        self._groups_next.on_click(self._on_groups_next)
+        self._groups_label = pn.pane.Markdown("", css_classes=["sqllm-groups-page"], margin=(8, 10))
 
         # The opened group
         self._header = pn.pane.HTML(
@@ -321,14 +337,26 @@ class GroupsView(pn.viewable.Viewer):
         generation = self._generation
         filters, version = self.state.filters(), self.state.version
         group_type = None if self.group_type == ALL_TYPES else self.group_type
+        if self._listed_for != (group_type, filters):
+            self.groups_offset = 0  # another type or filters: from the newest group again
+        offset = self.groups_offset
         study = self.state.study
         try:
-            groups = await self._cache.fetch(
-                ("groups", group_type, filters, version),
-                lambda: self.state.read(study.groups, group_type, filters),
-            )
-            types = await self._cache.fetch(
-                ("types", version), lambda: self.state.read(study.group_types)
+            groups, total, types, choices = await asyncio.gather(
+                self._cache.fetch(
+                    ("groups", group_type, filters, offset, version),
+                    lambda: self.state.read(
+                        study.groups, group_type, filters, limit=GROUPS_PAGE, offset=offset
+                    ),
+                ),
+                self._cache.fetch(
+                    ("count", group_type, filters, version),
+                    lambda: self.state.read(study.group_count, group_type, filters),
+                ),
+                self._cache.fetch(("types", version), lambda: self.state.read(study.group_types)),
+                self._cache.fetch(
+                    ("choices", version), lambda: self.state.read(study.group_choices)
+                ),
             )
         except QUERY_ERRORS as exc:
             log.warning("groups query failed: %s", exc, exc_info=True)
@@ -341,13 +369,21 @@ class GroupsView(pn.viewable.Viewer):
             return
         if generation != self._generation:
             return
+        self._listed_for = (group_type, filters)
         self.param.group_type.objects = [ALL_TYPES, *types]
         self._type.options = [ALL_TYPES, *types]
         self._groups = groups
+        self._group_total = total
         table = display_times(groups[GROUP_COLUMNS])
         self._table.param.update(
             value=table, selection=[], height=min(320, 42 + 31 * max(len(table), 1))
         )
+        last = offset + len(groups)
+        self._groups_label.object = (
+            f"Groups {offset + 1:,}–{last:,} of {total:,} (newest first)" if len(groups) else ""
+        )
+        self._groups_prev.disabled = offset == 0
+        self._groups_next.disabled = last >= total
         if groups.empty:
             self._message.param.update(
                 object=(
@@ -361,7 +397,7 @@ class GroupsView(pn.viewable.Viewer):
             )
         else:
             self._message.visible = False
-        options = {f"{r.group_type}: {r.name} (#{r.id})": int(r.id) for r in groups.itertuples()}
+        options = {f"{r.group_type}: {r.name} (#{r.id})": int(r.id) for r in choices.itertuples()}
         for select, pick in ((self._compare_a, 0), (self._compare_b, 1)):
             keep = select.value if select.value in options.values() else None
             select.options = options
@@ -370,6 +406,15 @@ class GroupsView(pn.viewable.Viewer):
             select.value = keep
         if self.group_id is not None:
             await self._load_group()
+
+    async def _on_groups_prev(self, _event: Any = None) -> None:
+        self.groups_offset = max(0, self.groups_offset - GROUPS_PAGE)
+        await self.refresh()
+
+    async def _on_groups_next(self, _event: Any = None) -> None:
+        if self.groups_offset + GROUPS_PAGE < self._group_total:
+            self.groups_offset += GROUPS_PAGE
+            await self.refresh()
 
     async def _on_group_click(self, event: Any) -> None:
         if event.row is None or not 0 <= event.row < len(self._groups):
@@ -586,6 +631,8 @@ class GroupsView(pn.viewable.Viewer):
                 | {c: _fmt(v, fmt) for c, v in zip(columns, frame[key], strict=True)}
             )
         self._compare_table.value = pd.DataFrame(rows, columns=["statistic", *columns])
+        import hvplot.pandas  # noqa: F401  (registers .hvplot on frames; loaded on first use)
+
         data = escaped(frame.assign(group_label=letters, name=names), ["name"])
         charts = []
         for column, title, scale in COMPARE_METRICS:
@@ -622,6 +669,7 @@ class GroupsView(pn.viewable.Viewer):
                 ),
                 self._message,
                 self._table,
+                pn.Row(self._groups_prev, self._groups_next, self._groups_label),
                 download_buttons(lambda: self._groups, "groups"),
                 self._detail,
                 pn.pane.Markdown("### Label calls"),

@@ -235,25 +235,36 @@ class StudyService:
     # --- groups --------------------------------------------------------------------------
 
     def groups(
-        self, group_type: str | None = None, filters: CallFilters | None = None
+        self,
+        group_type: str | None = None,
+        filters: CallFilters | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> pd.DataFrame:
         """Groups (newest first) with member counts and statistics of their calls.
 
         `members` counts every member; `calls`, `failures`, `failure_rate`, tokens, cost
         and latency cover the member calls that match `filters` (all when None). With
-        `filters.group_id` set, only that group is listed.
+        `filters.group_id` set, only that group is listed. `limit`/`offset` give one page
+        of the groups (its statistics alone are computed); `group_count` says how many
+        there are in all.
         """
-        group_ids: tuple[int, ...] = ()
-        if filters is not None and filters.group_id is not None:
-            group_ids = (filters.group_id,)
-            filters = replace(filters, group_id=None)
+        filters, group_ids = _group_filter(filters)
         rows = self._read(
             lambda uow: [
                 vars(g)
-                for g in StudyQueries(uow.session).group_stats(group_type, group_ids, filters)
+                for g in StudyQueries(uow.session).group_stats(
+                    group_type, group_ids, filters, limit=limit, offset=offset
+                )
             ]
         )
         return pd.DataFrame(rows, columns=_GROUP_COLUMNS)
+
+    def group_count(self, group_type: str | None = None, filters: CallFilters | None = None) -> int:
+        """How many groups `groups` lists for this type and filters (for paging)."""
+        _, group_ids = _group_filter(filters)
+        return self._read(lambda uow: StudyQueries(uow.session).group_count(group_type, group_ids))
 
     def group_choices(self, *, members: bool = False) -> pd.DataFrame:
         """Every group's id, type and name, newest first, and with `members` its member
@@ -703,3 +714,11 @@ _NEIGHBOUR_COLUMNS = [
     "text",
     "preview",
 ]
+
+
+def _group_filter(filters: CallFilters | None) -> tuple[CallFilters | None, tuple[int, ...]]:
+    """(the filters of the member calls, the group ids to list): a `group_id` filter
+    narrows the list of groups rather than their calls."""
+    if filters is not None and filters.group_id is not None:
+        return replace(filters, group_id=None), (filters.group_id,)
+    return filters, ()

@@ -154,12 +154,17 @@ class StudyQueries:
         group_type: str | None = None,
         group_ids: Sequence[int] = (),
         filters: CallFilters | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[GroupStats]:
         """Groups (newest first) with member counts and the aggregates of their calls.
 
         `members` counts every member; `calls` and the other aggregates count only the
         member calls that match `filters` (all of them when None). A group without
         matching calls has 0 calls, 0 failures and no failure rate or latency.
+        `limit`/`offset`: one page of the groups, newest first; only that page's
+        memberships are read (a record with millions of members lists a page quickly).
         """
         conditions = list(filters.conditions()) if filters is not None else []
         member_call = and_(RawCall.id == GroupMember.call_id, *conditions)
@@ -187,10 +192,14 @@ class StudyQueries:
             .group_by(Group.id)
             .order_by(Group.created_at.desc(), Group.id.desc())
         )
-        if group_type:
-            stmt = stmt.where(Group.group_type == group_type)
-        if group_ids:
-            stmt = stmt.where(Group.id.in_(list(group_ids)))
+        page = self._groups_listed(group_type, group_ids)
+        if limit is not None:
+            if limit < 1 or offset < 0:
+                raise ValueError("limit must be at least 1 and offset at least 0")
+            page = page.order_by(Group.created_at.desc(), Group.id.desc())
+            page = page.limit(limit).offset(offset)
+        if limit is not None or group_type or group_ids:
+            stmt = stmt.where(Group.id.in_(page.scalar_subquery()))
         return [
             GroupStats(
                 id=row[0],
@@ -208,6 +217,20 @@ class StudyQueries:
             )
             for row in self.session.execute(stmt)
         ]
+
+    def group_count(self, group_type: str | None = None, group_ids: Sequence[int] = ()) -> int:
+        """How many groups `group_stats` would list (of this type, among these ids)."""
+        listed = self._groups_listed(group_type, group_ids).subquery()
+        return int(self.session.scalar(select(func.count()).select_from(listed)) or 0)
+
+    @staticmethod
+    def _groups_listed(group_type: str | None, group_ids: Sequence[int]) -> Select[Any]:
+        stmt = select(Group.id)
+        if group_type:
+            stmt = stmt.where(Group.group_type == group_type)
+        if group_ids:
+            stmt = stmt.where(Group.id.in_(list(group_ids)))
+        return stmt
 
     def group_choices(self, *, members: bool = False) -> list[tuple[Any, ...]]:
         """(id, group type, name) of every group, newest first: a picker's choices, without
