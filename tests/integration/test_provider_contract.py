@@ -232,6 +232,67 @@ async def test_faults_map_to_the_error_hierarchy(provider, loopback, fault, erro
         assert info.value.retry_after == 3.0
 
 
+OPENAI_WIRE = [case for case in HTTP_CASES if case.wire in ("openai", "azure")]
+UNUSUAL_REPLY = {
+    "id": "chatcmpl-unusual",
+    "object": "chat.completion",
+    "created": 1764400000,
+    "model": "served-model",
+    "system_fingerprint": None,
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Paris.", "refusal": None},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+    ],
+    "usage": {"prompt_tokens": 12.0, "completion_tokens": "2", "total_tokens": 14},
+    "x_vendor": {"queue_ms": 3, "region": "eu"},
+}
+
+
+@pytest.mark.parametrize("provider", OPENAI_WIRE, ids=_ids(OPENAI_WIRE), indirect=True)
+async def test_an_openai_wire_reply_is_kept_exactly_as_sent(provider, loopback):
+    """The record gets the body as the server sent it (nulls and vendor fields included);
+    token counts sent as 12.0 or "2" still count."""
+    _case, instance = provider
+    loopback.script(Fault(kind="malformed", body=json.dumps(UNUSUAL_REPLY)))
+    response = await instance.complete("What is the capital of France?")
+    assert response.raw_response == UNUSUAL_REPLY
+    assert (response.text, response.model, response.finish_reason) == (
+        "Paris.",
+        "served-model",
+        "stop",
+    )
+    assert (response.prompt_tokens, response.completion_tokens, response.total_tokens) == (
+        12,
+        2,
+        14,
+    )
+    assert response.metadata["response_id"] == "chatcmpl-unusual"
+
+
+NOT_COMPLETIONS = [
+    pytest.param([], id="a-list"),
+    pytest.param({"error": None}, id="no-choices"),
+    pytest.param({"choices": []}, id="empty-choices"),
+    pytest.param({"choices": [{"message": "Paris."}]}, id="message-not-an-object"),
+    pytest.param({"choices": [{"message": {"content": 5}}]}, id="content-not-text"),
+    pytest.param({"model": 7, "choices": [{"message": {"content": "x"}}]}, id="model-not-text"),
+]
+
+
+@pytest.mark.parametrize("body", NOT_COMPLETIONS)
+@pytest.mark.parametrize("provider", OPENAI_WIRE, ids=_ids(OPENAI_WIRE), indirect=True)
+async def test_json_that_is_not_a_completion_is_a_malformed_response(provider, loopback, body):
+    case, instance = provider
+    loopback.script(Fault(kind="malformed", body=json.dumps(body)))
+    with pytest.raises(MalformedResponseError) as info:
+        await instance.complete("hello")
+    assert info.value.provider == case.provider_id and info.value.transient
+
+
 @pytest.mark.parametrize("provider", HTTP_CASES, ids=_ids(HTTP_CASES), indirect=True)
 async def test_faults_while_streaming_map_the_same_way(provider, loopback):
     _case, instance = provider

@@ -355,15 +355,11 @@ def _completion_fields(
     if not all(v is None or isinstance(v, str) for v in (text, served_model, finish_reason)):
         return None
     usage_body = raw.get("usage")
-    usage: dict[str, int | None] = {}
-    if isinstance(usage_body, dict):
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            value = usage_body.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                return None
-            usage[name] = value
-    elif usage_body is not None:
-        return None
+    usage = (
+        {name: _token_count(usage_body.get(name)) for name in _USAGE_FIELDS}
+        if isinstance(usage_body, dict)
+        else {}
+    )
     return (
         text or "",
         served_model,
@@ -371,6 +367,23 @@ def _completion_fields(
         None if response_id is None else str(response_id),
         usage,
     )
+
+
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _token_count(value: Any) -> int | None:
+    """A token count as reported (some servers send 12.0 or "12"); None if it is not one.
+    An odd usage block does not sink an answer that is otherwise fine."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
 
 
 def _int_or_none(value: Any) -> int | None:
