@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from study_query_llm.services.preprocessing import (
@@ -10,6 +14,7 @@ from study_query_llm.services.preprocessing import (
     apply_template,
     preprocess,
     scrub_pii,
+    strip_control_chars,
 )
 
 
@@ -19,6 +24,30 @@ def test_defaults_clean_controls_and_whitespace_and_record_steps():
     assert result.original.startswith("  Hello\x00")
     assert result.steps == ["strip_control_chars", "normalise_whitespace"]
     assert result.changed
+
+
+def _strip_char_by_char(text: str) -> str:
+    """The rule, one character at a time: drop Cc and Cf, keep newlines and tabs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(
+        ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
+    )
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_control_characters_of_ascii_text_go_as_the_rule_says(text):
+    assert strip_control_chars(text) == _strip_char_by_char(text)
+
+
+@given(st.text())
+def test_control_characters_of_any_text_go_as_the_rule_says(text):
+    assert strip_control_chars(text) == _strip_char_by_char(text)
+
+
+def test_every_ascii_control_is_dropped_but_newline_and_tab():
+    every = "".join(chr(c) for c in range(128))
+    kept = strip_control_chars(every)
+    assert kept == "\t\n\n" + "".join(chr(c) for c in range(32, 127))  # \r became \n
 
 
 def test_nothing_to_do_records_no_steps():

@@ -66,9 +66,15 @@ class PreprocessResult:
 _KEEP_CONTROLS = {"\n", "\t"}
 
 
+# The control characters of ASCII text (its only Cc/Cf characters): one regex pass.
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def strip_control_chars(text: str) -> str:
     """Drop C0/C1 control and format characters (zero-width, bidi overrides), keep \\n and \\t."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():
+        return _ASCII_CONTROLS.sub("", text)
     return "".join(
         ch for ch in text if ch in _KEEP_CONTROLS or unicodedata.category(ch) not in ("Cc", "Cf")
     )

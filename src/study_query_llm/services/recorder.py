@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -199,8 +200,27 @@ def json_safe(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
+_CHECK_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
+def _surely_storable(value: Any) -> bool:
+    """True when `value` certainly needs no `json_safe` changes: the C encoder takes it
+    with NaN and infinity refused, and no NUL came out. (False may be a false alarm, such
+    as text containing a literal backslash-u0000; `json_safe` then changes nothing.)"""
+    try:
+        encoded = _CHECK_ENCODER.encode(value)
+    except (TypeError, ValueError):
+        return False
+    return "\\u0000" not in encoded
+
+
 def sanitise(call: NewCall) -> NewCall:
     """The call with its JSON fields made storable (see `json_safe`)."""
+    if all(
+        _surely_storable(getattr(call, name))
+        for name in ("request_json", "response_json", "error_json", "metadata_json")
+    ):
+        return call
     fields: dict[str, Any] = {}
     changed = False
     for name in ("request_json", "response_json", "error_json", "metadata_json"):
