@@ -160,7 +160,12 @@ def check_everything(engine: Engine) -> None:
             )
 
 
-def test_rollups_equal_the_base_table_for_every_filter(engine: Engine) -> None:
+@pytest.mark.parametrize("keyed_cells", [0, 10**6], ids=["cells-of-hours", "cells-by-key"])
+def test_rollups_equal_the_base_table_for_every_filter(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, keyed_cells: int
+) -> None:
+    """Exact with either way of reading the touched cells' latencies on insert."""
+    monkeypatch.setattr(rollups, "KEYED_CELLS", keyed_cells)
     record(engine, make_calls(1500, seed=1))
     check_everything(engine)
     with UnitOfWork(engine) as uow:  # the bulk path kept every cell's latencies current

@@ -97,22 +97,32 @@ def _add_range_sql() -> Any:
 
 _ADD_RANGE = _add_range_sql()
 _CELLS = CallRollup.__table__
-# The cells a batch touched, with their stored latencies: one statement, keyed exactly.
-_TOUCHED_CELLS = (
-    select(
-        _CELLS.c.id,
-        _CELLS.c.bucket,
-        _CELLS.c.provider,
-        _CELLS.c.model,
-        _CELLS.c.modality,
-        _CELLS.c.status,
-        _CELLS.c.latency_count,
-        _CELLS.c.latencies_count,
-        _CELLS.c.latencies,
-    )
-    .where(tuple_(*(_CELLS.c[key] for key in KEYS)).in_(bindparam("cells", expanding=True)))
-    .order_by(_CELLS.c.id)  # update in id order: no deadlocks between writers
+_CELL_COLUMNS = (
+    _CELLS.c.id,
+    _CELLS.c.bucket,
+    _CELLS.c.provider,
+    _CELLS.c.model,
+    _CELLS.c.modality,
+    _CELLS.c.status,
+    _CELLS.c.latency_count,
+    _CELLS.c.latencies_count,
+    _CELLS.c.latencies,
 )
+# The cells a batch touched, with their stored latencies, in id order (updates go in id
+# order: no deadlocks between writers). A few cells (the recorder's batches): exactly
+# those, by key. Many (bulk loads): every cell of their hours, filtered here, which
+# keeps the statement small where a long list of keys would cost more to plan than run.
+_CELLS_BY_KEY = (
+    select(*_CELL_COLUMNS)
+    .where(tuple_(*(_CELLS.c[key] for key in KEYS)).in_(bindparam("cells", expanding=True)))
+    .order_by(_CELLS.c.id)
+)
+_CELLS_OF_HOURS = (
+    select(*_CELL_COLUMNS)
+    .where(_CELLS.c.bucket.in_(bindparam("hours", expanding=True)))
+    .order_by(_CELLS.c.id)
+)
+KEYED_CELLS = 20  # up to this many touched cells are read by key
 _SET_LATENCIES = text(
     "UPDATE call_rollup SET latencies = :blob, latencies_count = :n WHERE id = :cell"
 )
@@ -142,12 +152,20 @@ def merge_latencies(session: Session, rows: Iterable[dict[str, Any]]) -> None:
     if not added:
         return
     connection = session.connection()  # plain statements: this runs with every write
-    keys = list(added)
+    if len(added) <= KEYED_CELLS:
+        reads = [(_CELLS_BY_KEY, {"cells": list(added)})]
+    else:
+        hours = sorted({key[0] for key in added})
+        reads = [
+            (_CELLS_OF_HOURS, {"hours": hours[first : first + 500]})
+            for first in range(0, len(hours), 500)
+        ]
     updates = []
-    for first in range(0, len(keys), 500):
-        found = connection.execute(_TOUCHED_CELLS, {"cells": keys[first : first + 500]})
-        for cell in found:
+    for statement, params in reads:
+        for cell in connection.execute(statement, params):
             cell_key = (as_utc(cell.bucket), *cell[2:6])
+            if cell_key not in added:
+                continue  # another cell of the same hour
             new = np.sort(np.asarray(added[cell_key], dtype="<f8"), kind="stable")
             if cell.latencies_count == cell.latency_count - len(new):
                 merged = np.sort(np.concatenate([unpack(cell.latencies), new]), kind="stable")
