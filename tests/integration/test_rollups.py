@@ -12,9 +12,11 @@ import math
 import random
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select, text
 
@@ -303,6 +305,51 @@ def test_cells_read_in_small_batches_give_the_same_answers(
         cells = uow.session.scalar(select(func.count()).select_from(CallRollup))
     assert cells > 3 * 7  # several batches, and a last one that is not full
     check_everything(engine)
+
+
+def test_latencies_read_into_one_array_whatever_its_first_size(engine: Engine) -> None:
+    """A read copies each cell's latencies into one array sized from the hours' totals;
+    if more arrived meanwhile (or the size was not known) the array grows: same cells,
+    same latencies, same offsets either way."""
+    record(engine, make_calls(500, seed=23))
+    with UnitOfWork(engine) as uow:
+        total = rollups._totals(uow.session)[1]
+        reads = [rollups._read_hours(uow.session, None, size) for size in (total, 0, total // 3)]
+    exact = reads[0]
+    assert len(exact.values) == total
+    for other in reads[1:]:
+        assert np.array_equal(other.values, exact.values)
+        assert np.array_equal(other.starts, exact.starts)
+        assert np.array_equal(other.lengths, exact.lengths)
+        assert not other.values.flags.writeable
+
+
+def test_queries_started_together_on_a_cold_cache_read_the_cells_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several sessions asking at once (a dashboard tab's queries, the start-up warm-up)
+    share one read of the cells instead of each reading all of them."""
+    record(engine, make_calls(300, seed=24))
+    rollups.MIRROR.clear()
+    reads: list[Any] = []
+    read_hours = rollups._read_hours
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args[1])
+        return read_hours(*args, **kwargs)
+
+    monkeypatch.setattr(rollups, "_read_hours", counted)
+    start = threading.Barrier(4)
+
+    def ask() -> int:
+        with UnitOfWork(engine) as uow:
+            start.wait()
+            return len(rollups.MIRROR.snapshot(uow.session))
+
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda _: ask(), range(4)))
+    assert reads == [None]  # one full read
+    assert len(set(sizes)) == 1 and sizes[0] > 0
 
 
 def test_reads_never_mix_two_databases(tmp_path: Any) -> None:

@@ -331,6 +331,7 @@ class RollupMirror:
         self.max_bytes = max_bytes
         self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
+        self._refresh_locks: dict[str, threading.Lock] = {}
 
     def clear(self) -> None:
         with self._lock:
@@ -352,14 +353,31 @@ class RollupMirror:
         if current is not None and current.versions == versions:
             return current
         if sum(v[1] for v in versions.values()) * 8 > self.max_bytes:
-            return _read_hours(session, _hours_between(versions, start, end))
-        current = self._refresh(session, current, versions)
+            hours = _hours_between(versions, start, end)
+            return _read_hours(session, hours, sum(versions[h][1] for h in hours))
+        # One refresh of a database at a time: queries started together on a cold cache
+        # (a dashboard tab asks for all of its data at once, while the start-up warm-up
+        # may still be reading) wait for the read under way and reuse it, rather than
+        # each reading every cell again at the same time (time, and memory at the peak).
+        with self._refreshing(database):
+            with self._lock:
+                current = self._snapshots.get(database, current)
+            if current is not None and current.versions == versions:
+                return current
+            current = self._refresh(session, current, versions)
+            self._keep(database, current)
+        return current
+
+    def _refreshing(self, database: str) -> threading.Lock:
+        with self._lock:
+            return self._refresh_locks.setdefault(database, threading.Lock())
+
+    def _keep(self, database: str, current: Snapshot) -> None:
         with self._lock:
             self._snapshots[database] = current
             self._snapshots.move_to_end(database)
             while len(self._snapshots) > 1 and self._bytes() > self.max_bytes:
                 self._snapshots.popitem(last=False)
-        return current
 
     def _bytes(self) -> int:
         return sum(s.values.nbytes for s in self._snapshots.values())
@@ -370,10 +388,10 @@ class RollupMirror:
     ) -> Snapshot:
         """`current` with the hours whose totals changed read again."""
         if current is None:
-            fresh = _read_hours(session, None)
+            fresh = _read_hours(session, None, sum(v[1] for v in versions.values()))
             return replace(fresh, versions=_versions_of(fresh))
         changed = {h for h, v in versions.items() if current.versions.get(h) != v}
-        fresh = _read_hours(session, sorted(changed))
+        fresh = _read_hours(session, sorted(changed), sum(versions[h][1] for h in changed))
         keep = np.nonzero(np.isin(current.epoch, [h for h in versions if h not in changed]))[0]
         merged = _concat([current.take(keep), fresh], {})
         if len(merged) and np.any(np.diff(merged.epoch) < 0):
@@ -442,8 +460,16 @@ def _hour_versions(session: Session) -> dict[int, tuple[int, int, int]]:
 _CELL_COLUMNS = ("provider", "model", "modality", "status", *(name for name, _ in MEASURES))
 
 
-def _read_hours(session: Session, hours: Sequence[int] | None) -> Snapshot:
-    """The cells of these hours (all when None) with their latencies, ordered by hour."""
+def _read_hours(
+    session: Session, hours: Sequence[int] | None, expected_values: int = 0
+) -> Snapshot:
+    """The cells of these hours (all when None) with their latencies, ordered by hour.
+
+    `expected_values`: how many latencies those hours held when their totals were read.
+    The latencies are copied straight into one array of that size, a batch of cells at a
+    time, so a read holds the merged array plus one batch, not two copies of everything
+    (calls recorded meanwhile grow the array).
+    """
     dialect = session.get_bind().dialect.name
     epoch = _epoch_sql(dialect, "bucket")
     columns = ", ".join(_CELL_COLUMNS)
@@ -452,15 +478,20 @@ def _read_hours(session: Session, hours: Sequence[int] | None) -> Snapshot:
         "{where} ORDER BY bucket, id"
     )
     batches: list[_CellBatch] = []
+    values = np.empty(expected_values, dtype="<f8")
+    filled = 0
     for rows in _row_batches(session, sql, epoch, hours):
-        batches.append(_cell_batch(session, rows))
+        batch = _cell_batch(session, rows)
+        for array in batch.arrays:
+            values, filled = _put(values, filled, array)
+        batches.append(replace(batch, arrays=[]))  # the batch's blobs can go now
+    values = values[:filled]
+    values.flags.writeable = False
     epochs = _cat([b.epochs for b in batches], "int64")
     lengths = _cat([b.lengths for b in batches], "int64")
     starts = np.zeros(len(lengths), dtype="int64")
     if len(lengths):
         np.cumsum(lengths[:-1], out=starts[1:])
-    values = _cat([b.values for b in batches], "<f8")
-    values.flags.writeable = False
     text = {
         name: np.asarray([v for b in batches for v in b.text[name]], dtype=object)
         for name in ("provider", "model", "modality", "status")
@@ -482,6 +513,17 @@ def _read_hours(session: Session, hours: Sequence[int] | None) -> Snapshot:
     )
 
 
+def _put(buffer: np.ndarray, filled: int, array: np.ndarray) -> tuple[np.ndarray, int]:
+    """`array` written at `filled` in `buffer` (grown when it is full); the new fill."""
+    end = filled + len(array)
+    if end > len(buffer):
+        grown = np.empty(max(end, len(buffer) + len(buffer) // 4 + 1024), dtype="<f8")
+        grown[:filled] = buffer[:filled]
+        buffer = grown
+    buffer[filled:end] = array
+    return buffer, end
+
+
 ROWS_PER_BATCH = 5000  # cells read (and their latency blobs held as bytes) at a time
 
 
@@ -491,7 +533,7 @@ class _CellBatch:
     text: dict[str, list[str]]
     measures: dict[str, np.ndarray]
     lengths: np.ndarray
-    values: np.ndarray
+    arrays: list[np.ndarray]  # each cell's latencies (views of the fetched blobs)
 
 
 def _cat(arrays: Sequence[np.ndarray], dtype: str) -> np.ndarray:
@@ -535,7 +577,7 @@ def _row_batches(
 
 
 def _cell_batch(session: Session, rows: Sequence[Any]) -> _CellBatch:
-    """Columns of one batch of cell rows, with their latencies merged into one array."""
+    """Columns of one batch of cell rows, with each cell's latencies."""
     columns_of = list(zip(*rows, strict=True))
     epochs = np.asarray(columns_of[0], dtype="int64")
     named = dict(zip(_CELL_COLUMNS, columns_of[1:], strict=False))
@@ -571,7 +613,7 @@ def _cell_batch(session: Session, rows: Sequence[Any]) -> _CellBatch:
         text={name: list(named[name]) for name in ("provider", "model", "modality", "status")},
         measures=measures,
         lengths=lengths,
-        values=np.concatenate(arrays) if arrays else _EMPTY,
+        arrays=arrays,
     )
 
 
