@@ -86,6 +86,27 @@ class FrameCache:
         return value
 
 
+def pager(
+    css_prefix: str,
+    on_back: Callable[[Any], Any],
+    on_forward: Callable[[Any], Any],
+    *,
+    back: str = "◀ Newer",
+    forward: str = "Older ▶",
+) -> tuple[pn.widgets.Button, pn.widgets.Button, pn.pane.Markdown]:
+    """Back and forward buttons (disabled until a page is shown) and a page label, with
+    the CSS hooks `{css_prefix}-prev`, `-next` and `-page`."""
+    buttons = []
+    for name, suffix, handler in ((back, "prev", on_back), (forward, "next", on_forward)):
+        button = pn.widgets.Button(
+            name=name, width=110, disabled=True, css_classes=[f"{css_prefix}-{suffix}"]
+        )
+        button.on_click(handler)
+        buttons.append(button)
+    label = pn.pane.Markdown("", css_classes=[f"{css_prefix}-page"], margin=(8, 10))
+    return buttons[0], buttons[1], label
+
+
 def md_text(text: object) -> str:
     """Plain text for a Markdown pane: HTML-escaped, Markdown punctuation neutralised.
 
@@ -405,15 +426,9 @@ class AnalyticsView(pn.viewable.Viewer):
             css_classes=["sqllm-recent-calls"],
         )
         self._recent.on_click(self._on_recent_click)
-        self._prev = pn.widgets.Button(
-            name="◀ Newer", width=110, disabled=True, css_classes=["sqllm-recent-prev"]
+        self._prev, self._next, self._page_label = pager(
+            "sqllm-recent", self._on_prev, self._on_next
         )
-        self._next = pn.widgets.Button(
-            name="Older ▶", width=110, disabled=True, css_classes=["sqllm-recent-next"]
-        )
-        self._prev.on_click(self._on_prev)
-        self._next.on_click(self._on_next)
-        self._page_label = pn.pane.Markdown("", css_classes=["sqllm-recent-page"], margin=(8, 10))
         self._detail = pn.pane.HTML(
             DETAIL_HINT,
             sizing_mode="stretch_width",

@@ -55,6 +55,7 @@ from .analytics import (
     escaped,
     md_text,
     notify_text,
+    pager,
     percent_formatter,
     summary_cards,
 )
@@ -182,15 +183,9 @@ class GroupsView(pn.viewable.Viewer):
             css_classes=["sqllm-groups-table"],
         )
         self._table.on_click(self._on_group_click)
-        self._groups_prev = pn.widgets.Button(
-            name="◀ Newer", width=110, disabled=True, css_classes=["sqllm-groups-prev"]
+        self._groups_prev, self._groups_next, self._groups_label = pager(
+            "sqllm-groups", self._on_groups_prev, self._on_groups_next
         )
-        self._groups_next = pn.widgets.Button(
-            name="Older ▶", width=110, disabled=True, css_classes=["sqllm-groups-next"]
-        )
-        self._groups_prev.on_click(self._on_groups_prev)
-        self._groups_next.on_click(self._on_groups_next)
-        self._groups_label = pn.pane.Markdown("", css_classes=["sqllm-groups-page"], margin=(8, 10))
 
         # The opened group
         self._header = pn.pane.HTML(
@@ -211,15 +206,9 @@ class GroupsView(pn.viewable.Viewer):
             css_classes=["sqllm-group-calls"],
         )
         self._calls_table.on_click(self._on_call_click)
-        self._prev = pn.widgets.Button(
-            name="◀ Previous", width=110, disabled=True, css_classes=["sqllm-group-prev"]
+        self._prev, self._next, self._page_label = pager(
+            "sqllm-group", self._on_prev, self._on_next, back="◀ Previous", forward="Next ▶"
         )
-        self._next = pn.widgets.Button(
-            name="Next ▶", width=110, disabled=True, css_classes=["sqllm-group-next"]
-        )
-        self._prev.on_click(self._on_prev)
-        self._next.on_click(self._on_next)
-        self._page_label = pn.pane.Markdown("", css_classes=["sqllm-group-page"], margin=(8, 10))
         self._call_detail = pn.pane.HTML(
             DETAIL_HINT,
             sizing_mode="stretch_width",

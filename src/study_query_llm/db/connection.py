@@ -74,7 +74,8 @@ def normalize_url(url: str | URL) -> URL:
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
 
-def _json_dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """`value` as the JSON text the database is given (ValueError for NaN/Infinity)."""
     return _JSON_ENCODER.encode(value)
 
 
@@ -121,7 +122,7 @@ def _create_engine(url: URL) -> Engine:
         return create_engine(
             url,
             pool_pre_ping=True,
-            json_serializer=_json_dumps,
+            json_serializer=json_text,
             connect_args={"application_name": "study-query-llm"},
         )
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
@@ -130,7 +131,7 @@ def _create_engine(url: URL) -> Engine:
 def _create_sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
-    kwargs: dict[str, Any] = {"json_serializer": _json_dumps}
+    kwargs: dict[str, Any] = {"json_serializer": json_text}
     if in_memory:
         # One shared connection, or every checkout would see a different empty database.
         kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ..db.connection import UnitOfWork, run_write
+from ..db.connection import UnitOfWork, json_text, run_write
 from ..db.records import NewCall, NewRun
 from ..logging_setup import log_provider_call
 
@@ -200,15 +199,13 @@ def json_safe(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
-_CHECK_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
-
-
 def _surely_storable(value: Any) -> bool:
-    """True when `value` certainly needs no `json_safe` changes: the C encoder takes it
-    with NaN and infinity refused, and no NUL came out. (False may be a false alarm, such
-    as text containing a literal backslash-u0000; `json_safe` then changes nothing.)"""
+    """True when `value` certainly needs no `json_safe` changes: the database's own JSON
+    encoding (C, NaN and infinity refused) takes it and no NUL came out. (False may be a
+    false alarm, such as text containing a literal backslash-u0000; `json_safe` then
+    changes nothing.)"""
     try:
-        encoded = _CHECK_ENCODER.encode(value)
+        encoded = json_text(value)
     except (TypeError, ValueError):
         return False
     return "\\u0000" not in encoded

@@ -17,24 +17,9 @@ from study_query_llm.db.models_jobs import BatchJob, BatchJobItem
 INSERT_CHUNK = 5_000
 
 _ITEMS = BatchJobItem.__table__
-# Finishing an item runs once per call, inside the transaction that records it: a plain
-# table statement, built once, with no ORM session bookkeeping (nothing is loaded to keep
-# in step) and its compiled form cached.
-_FINISH = (
-    update(_ITEMS)
-    .where(
-        _ITEMS.c.id == bindparam("item_id"),
-        _ITEMS.c.status.in_(("pending", "claimed"))
-        | ((_ITEMS.c.status == "cancelled") & _ITEMS.c.call_id.is_(None)),
-    )
-    .values(
-        status=bindparam("new_status"),
-        call_id=bindparam("new_call_id"),
-        claimed_by=None,
-        lease_expires_at=None,
-        updated_at=bindparam("now"),
-    )
-)
+# Finishing items runs with every recorded call, inside the transaction that records it:
+# plain table statements, built once, with no ORM session bookkeeping. Which items can
+# still be finished (locked, on PostgreSQL, in id order):
 _FINISHABLE = (
     select(_ITEMS.c.id)
     .where(
@@ -45,7 +30,7 @@ _FINISHABLE = (
     .order_by(_ITEMS.c.id)
     .with_for_update()
 )
-# Items `_FINISHABLE` found (and locked) in this transaction: finished by id alone.
+# ...and finishing the ones found, by id alone.
 _FINISH_FOUND = (
     update(_ITEMS)
     .where(_ITEMS.c.id == bindparam("item_id"))
@@ -282,11 +267,7 @@ class JobRepository:
         finished: a call that was already under way when the job was cancelled and then
         succeeded is the item's answer, and reopening the job must not call it again.
         """
-        result = self.session.connection().execute(
-            _FINISH,
-            {"item_id": item_id, "new_status": status, "new_call_id": call_id, "now": utcnow()},
-        )
-        return (result.rowcount or 0) == 1
+        return self.finish_many([(item_id, status, call_id)])[0]
 
     def finish_many(self, outcomes: Sequence[tuple[int, str, int]]) -> list[bool]:
         """`finish` for many (item id, status, call id) at once, in two statements: which
