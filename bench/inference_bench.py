@@ -6,6 +6,10 @@ Variants, alternated round by round in the same run (order rotated each round):
 
 - ``plain-sdk``: ``openai.AsyncOpenAI`` + ``asyncio.gather`` bounded by a semaphore, no
   recording (the baseline the issue's target is measured against);
+- ``plain-sdk-aiohttp``: the same, with the SDK's own aiohttp transport
+  (``http_client=openai.DefaultAioHttpClient()``), which our providers use: the
+  like-for-like baseline, so the table shows the recording's own cost apart from the
+  transport's saving;
 - ``batch-<db>``: ``BatchService.run_batch`` (create the job, then run it at concurrency
   C), recording every call, on a fresh database;
 - ``run-<db>``: ``InferenceService.run`` via ``asyncio.gather`` + semaphore, recording
@@ -211,8 +215,9 @@ async def bounded_gather(
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def plain_sdk(cfg: Config) -> None:
-    client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key="k", max_retries=0)
+async def plain_sdk(cfg: Config, *, aiohttp: bool = False) -> None:
+    transport = {"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}
+    client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key="k", max_retries=0, **transport)
     prompts = cfg.prompts
     try:
 
@@ -259,7 +264,7 @@ class Variant:
     name: str
     description: str
     db: str | None = None  # "sqlite" | "postgres" | None (no recording)
-    kind: str = "plain"  # "plain" | "batch" | "run"
+    kind: str = "plain"  # "plain" | "plain-aiohttp" | "batch" | "run"
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # failed runs (e.g. database restarted)
 
@@ -286,7 +291,7 @@ def measure(variant: Variant, cfg: Config, server_pid: int, *, calls: int | None
     async def timed() -> tuple[float, float]:
         started, cpu_started = time.perf_counter(), time.process_time()
         if services is None:
-            await plain_sdk(run_cfg)
+            await plain_sdk(run_cfg, aiohttp=variant.kind == "plain-aiohttp")
         elif variant.kind == "batch":
             await ours_batch(run_cfg, services)
         else:
@@ -356,21 +361,32 @@ def load_average() -> str:
         return "n/a"
 
 
+def _median_wall(variants: list[Variant], kind: str) -> float | None:
+    found = next((v for v in variants if v.kind == kind and v.samples), None)
+    return None if found is None else statistics.median(s.wall_s for s in found.samples)
+
+
+def _versus(wall: float, base: float | None) -> str:
+    return "" if base is None else f"{wall / base:.2f}x ({(wall / base - 1) * 100:+.0f}%)"
+
+
 def table(variants: list[Variant], cfg: Config, ideal_s: float) -> str:
-    plain = next((v for v in variants if v.kind == "plain"), None)
-    plain_s = (
-        statistics.median(s.wall_s for s in plain.samples) if plain and plain.samples else None
-    )
+    plain_s = _median_wall(variants, "plain")
+    aiohttp_s = _median_wall(variants, "plain-aiohttp")
     lines = [
-        "| variant | median wall s | runs (wall s) | calls/s | vs plain SDK | vs ideal"
-        " | client CPU ms/call | server CPU ms/call | DB txns |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | median wall s | runs (wall s) | calls/s | vs plain SDK"
+        " | vs plain SDK on aiohttp | vs ideal | client CPU ms/call | server CPU ms/call"
+        " | DB txns |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| ideal (N / C x latency) | {ideal_s:.3f} | computed | {cfg.calls / ideal_s:,.0f}"
-        f" | {'' if plain_s is None else f'{ideal_s / plain_s:.2f}x'} | 1.00x | | | |",
+        f" | {'' if plain_s is None else f'{ideal_s / plain_s:.2f}x'}"
+        f" | {'' if aiohttp_s is None else f'{ideal_s / aiohttp_s:.2f}x'} | 1.00x | | | |",
     ]
     for v in variants:
         if not v.samples:
-            lines.append(f"| {v.description} | failed | {len(v.errors)} failed runs | | | | | | |")
+            lines.append(
+                f"| {v.description} | failed | {len(v.errors)} failed runs | | | | | | | |"
+            )
             continue
         wall = statistics.median(s.wall_s for s in v.samples)
         runs = ", ".join(f"{s.wall_s:.2f}" for s in v.samples)
@@ -379,12 +395,10 @@ def table(variants: list[Variant], cfg: Config, ideal_s: float) -> str:
         cpu = statistics.median(s.cpu_s for s in v.samples) / cfg.calls * 1000
         server = [s.server_cpu_s for s in v.samples if s.server_cpu_s is not None]
         server_ms = f"{statistics.median(server) / cfg.calls * 1000:.2f}" if server else "n/a"
-        vs_plain = "1.00x" if v.kind == "plain" or plain_s is None else f"{wall / plain_s:.2f}x"
-        if plain_s is not None and v.kind != "plain":
-            vs_plain += f" ({(wall / plain_s - 1) * 100:+.0f}%)"
         txns = [s.transactions for s in v.samples if s.transactions is not None]
         lines.append(
-            f"| {v.description} | {wall:.3f} | {runs} | {cfg.calls / wall:,.0f} | {vs_plain}"
+            f"| {v.description} | {wall:.3f} | {runs} | {cfg.calls / wall:,.0f}"
+            f" | {_versus(wall, plain_s)} | {_versus(wall, aiohttp_s)}"
             f" | {wall / ideal_s:.2f}x | {cpu:.2f} | {server_ms}"
             f" | {statistics.median(txns) if txns else ''} |"
         )
@@ -446,7 +460,14 @@ def main(argv: list[str] | None = None) -> int:
             databases.remove("postgres")
             notes.append(f"PostgreSQL skipped (unreachable: {reason})")
 
-    variants = [Variant("plain-sdk", "plain AsyncOpenAI + gather, no recording")]
+    variants = [
+        Variant("plain-sdk", "plain AsyncOpenAI + gather, no recording"),
+        Variant(
+            "plain-sdk-aiohttp",
+            "plain AsyncOpenAI on its aiohttp transport + gather, no recording",
+            kind="plain-aiohttp",
+        ),
+    ]
     for db in databases:
         label = "SQLite file" if db == "sqlite" else "PostgreSQL"
         variants.append(
@@ -516,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(variants, cfg, ideal_s))
     print(
         "\nmedian of the rounds; vs plain SDK = wall / plain wall (target: within +10%);"
-        " CPU columns: process CPU (user+sys) per call, client includes the recorder's"
-        " writer threads"
+        " vs plain SDK on aiohttp = wall / wall of the plain SDK on the transport our"
+        " providers use (the recording's own cost); CPU columns: process CPU (user+sys)"
+        " per call, client includes the recorder's writer threads"
     )
     print(f"\nload average at end (1/5/15 min): {load_average()}")
     print(f"total benchmark time: {time.perf_counter() - started:.0f} s")

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx2
 import pydantic
 
@@ -19,6 +20,17 @@ from .errors import (
 )
 
 T = TypeVar("T")
+
+
+def http_client_for(sdk: ModuleType, given: httpx2.AsyncClient | None) -> httpx2.AsyncClient:
+    """The HTTP client an SDK client sends through: `given`, else the SDK's aiohttp transport.
+
+    Both official SDKs ship `DefaultAioHttpClient` (their `aiohttp` extra, a dependency of this
+    project): the same httpx interface, timeouts and error types, with aiohttp doing the I/O.
+    It costs about 40% less CPU per call than the default httpx transport, which matters when
+    a batch keeps dozens of calls in flight on one event loop (bench/inference_bench.py).
+    """
+    return given if given is not None else sdk.DefaultAioHttpClient()
 
 
 async def call_sdk(
@@ -36,7 +48,11 @@ async def call_sdk(
         return await fn()
     except (StopAsyncIteration, ProviderError):
         raise
-    except sdk.APITimeoutError:
+    except sdk.APITimeoutError as exc:
+        if (dropped := _connection_dropped(exc)) is not None:
+            raise ProviderConnectionError(
+                f"cannot reach {base_url or 'the API'}: {dropped}", provider=provider, model=model
+            ) from None
         raise ProviderTimeoutError(
             f"no answer within {timeout_s:g} s", provider=provider, model=model
         ) from None
@@ -72,6 +88,21 @@ async def call_sdk(
         raise ProviderConnectionError(
             f"connection failed: {exc}", provider=provider, model=model
         ) from None
+
+
+def _connection_dropped(exc: BaseException) -> aiohttp.ClientConnectionError | None:
+    """The refused, reset or closed connection behind an SDK "timeout", if that is what it was.
+
+    The SDKs' aiohttp transport reports every aiohttp connection error as httpx's
+    `ConnectTimeout` (so the SDK raises `APITimeoutError`), keeping the original as the cause.
+    A refused or dropped connection is not a timeout: it fails at once and says so.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError):
+            return None if isinstance(cause, TimeoutError) else cause
+        cause = cause.__cause__
+    return None
 
 
 def status_message(exc: Any) -> str:

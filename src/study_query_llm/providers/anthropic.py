@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import anthropic
 import httpx2
 
-from ._sdk import call_sdk
+from ._sdk import call_sdk, http_client_for
 from .base import (
     BaseLLMProvider,
     CompletionOptions,
@@ -52,7 +52,7 @@ class AnthropicProvider(BaseLLMProvider):
             base_url=base_url,
             timeout=timeout_s,
             max_retries=0,  # InferenceService owns retries
-            http_client=http_client,
+            http_client=http_client_for(anthropic, http_client),
         )
 
     async def aclose(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import httpx2
 import openai
 
-from ._sdk import call_sdk
+from ._sdk import call_sdk, http_client_for
 from .base import (
     BaseLLMProvider,
     CompletionOptions,
@@ -63,7 +63,7 @@ class OpenAICompatibleProvider(BaseLLMProvider):
             "timeout": timeout_s,
             "max_retries": 0,  # InferenceService owns retries
             "default_headers": preset.default_headers or None,
-            "http_client": http_client,
+            "http_client": http_client_for(openai, http_client),
         }
         if preset.provider_id == "azure":
             self._client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
