@@ -61,6 +61,37 @@ def test_new_call_validates_and_fills_created_at() -> None:
         NewCall(provider="p", model="m", request_json="prompt")  # type: ignore[arg-type]
 
 
+def test_a_dict_goes_straight_to_the_row_a_new_call_would_make() -> None:
+    plain = {"provider": "p", "model": "m", "request_json": {"prompt": "x"}}
+    full = {
+        **plain,
+        "status": "failed",
+        "modality": "embedding",
+        "error_json": {"type": "timeout"},
+        "latency_ms": 12.5,
+        "request_hash": "h",
+        "metadata_json": {"attempt": 2},
+        "created_at": datetime(2024, 1, 1, 2, tzinfo=PLUS_2),
+    }
+    for fields in (full, {**full, "created_at": datetime(2024, 1, 1)}):
+        assert NewCall.row_of(fields) == NewCall(**fields).row()
+    row = NewCall.row_of(plain)
+    assert row["created_at"].tzinfo is not None and row["status"] == "success"
+    assert row == {**NewCall(**plain).row(), "created_at": row["created_at"]}
+    record = NewCall(**plain)
+    assert NewCall.row_of(record)["request_json"] is record.request_json
+    # Refused exactly as the record itself refuses them.
+    for bad, error, match in [
+        ({"provider": "p", "model": "m"}, TypeError, "request_json"),
+        ({**plain, "colour": "red"}, TypeError, "colour"),
+        ({**plain, "status": "fine"}, ValueError, "status"),
+        ({**plain, "modality": "audio"}, ValueError, "modality"),
+        ({**plain, "request_json": "prompt"}, TypeError, "request_json"),
+    ]:
+        with pytest.raises(error, match=match):
+            NewCall.row_of(bad)
+
+
 def test_new_run_accepts_the_v1_metadata_key() -> None:
     run = NewRun.coerce({"prompt": "p", "provider": "x", "metadata": {"a": 1}})
     assert run.metadata_json == {"a": 1}

@@ -79,6 +79,26 @@ async def test_create_builds_the_right_class_and_overrides_win(settings):
         await provider.aclose()
 
 
+async def test_sdk_providers_send_through_the_sdks_aiohttp_transport(settings):
+    """Both SDKs' own aiohttp-backed client (less CPU per call than the default httpx
+    transport), unless a client is given; the contract tests run every wire through it."""
+    import anthropic
+    import httpx2
+    import openai
+
+    openai_like = create("vllm", settings, base_url="http://127.0.0.1:9/v1", model="m")
+    claude = create("anthropic", settings, api_key="k")
+    given = httpx2.AsyncClient()
+    chosen = create("vllm", settings, base_url="http://127.0.0.1:9/v1", http_client=given)
+    try:
+        assert isinstance(openai_like._client._client, openai.DefaultAioHttpClient)
+        assert isinstance(claude._client._client, anthropic.DefaultAioHttpClient)
+        assert chosen._client._client is given
+    finally:
+        for provider in (openai_like, claude, chosen):
+            await provider.aclose()
+
+
 async def test_secret_never_in_provider_repr(settings):
     provider = create("openai", settings, api_key="sk-supersecret")
     assert "sk-supersecret" not in repr(provider)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from typing import Any, Self
 
@@ -50,12 +50,7 @@ class NewCall:
     created_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        if not isinstance(self.request_json, Mapping):
-            raise TypeError("request_json must be a JSON object (a dict)")
+        _check_call(self.status, self.modality, self.request_json)
 
     @classmethod
     def coerce(cls, value: NewCall | Mapping[str, Any]) -> Self:
@@ -64,11 +59,43 @@ class NewCall:
             return value
         return cls(**value)
 
+    @classmethod
+    def row_of(cls, value: NewCall | Mapping[str, Any]) -> dict[str, Any]:
+        """`coerce(value).row()`; a dict is checked the same way but goes straight to its row
+        (building a frozen record per call is a tenth of a bulk insert's time)."""
+        if isinstance(value, cls):
+            return value.row()
+        defaults = _CALL_DEFAULTS
+        if not isinstance(value, Mapping) or not (
+            _CALL_REQUIRED <= value.keys() <= defaults.keys()
+        ):
+            return cls.coerce(value).row()  # the dataclass names what is missing or unknown
+        row = {**defaults, **value}
+        _check_call(row["status"], row["modality"], row["request_json"])
+        created = row["created_at"]
+        row["created_at"] = as_utc(created) if created else utcnow()
+        return row
+
     def row(self) -> dict[str, Any]:
         """Column values for the insert, with `created_at` filled in."""
         values = _values(self)
         values["created_at"] = as_utc(self.created_at) if self.created_at else utcnow()
         return values
+
+
+def _check_call(status: str, modality: str, request_json: object) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if not isinstance(request_json, Mapping):
+        raise TypeError("request_json must be a JSON object (a dict)")
+
+
+_CALL_DEFAULTS: dict[str, Any] = {
+    f.name: None if f.default is MISSING else f.default for f in fields(NewCall)
+}
+_CALL_REQUIRED = frozenset(f.name for f in fields(NewCall) if f.default is MISSING)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,7 @@ class RawCallRepository:
         `search_index.catch_up` (search still finds the calls meanwhile): for bulk loads,
         where indexing text costs several times more than storing the calls.
         """
-        rows = [NewCall.coerce(call).row() for call in calls]
+        rows = [NewCall.row_of(call) for call in calls]
         if not rows:
             return []
         session = self.session
