@@ -9,8 +9,6 @@ server starts (and before it forks into several processes).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
 import math
 import os
@@ -93,37 +91,6 @@ def page_factory(settings: Settings, auth: AuthSetup):
     return page
 
 
-# glibc mallopt() parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
-MMAP_THRESHOLD_BYTES = 1024 * 1024
-
-
-def tune_malloc() -> bool:
-    """Keep the server's memory from growing with threads and big temporary arrays (glibc).
-
-    glibc gives each thread that allocates its own malloc arena (up to eight per core), and
-    memory freed in an arena mostly stays with the process; the server's threads (database
-    reads, the recorder, Bokeh's document work) each grow one. And after a large block is
-    freed, glibc raises its mmap threshold to that size, so the next large blocks (a
-    query's arrays) come from an arena too and stay after they are freed. Two arenas, and
-    a fixed threshold so blocks of 1 MiB and more are mapped and unmapped on their own.
-    Has to run before the threads start. Returns False where the C library is not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return False
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_ARENA_MAX, MALLOC_ARENAS)) and bool(
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    )
-
-
 def _fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr and exit: 2 for settings, 1 for the database."""
     print(f"error: {message}", file=sys.stderr)
@@ -141,7 +108,6 @@ def _load_settings() -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    tune_malloc()
     # Serve every JS/CSS resource from this server, never from a CDN (offline labs).
     os.environ.setdefault("BOKEH_RESOURCES", "server")
     settings = _load_settings()

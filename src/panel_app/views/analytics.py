@@ -36,6 +36,7 @@ import param
 from bokeh.models.widgets.tables import NumberFormatter
 from sqlalchemy.exc import SQLAlchemyError
 
+from study_query_llm import memory
 from study_query_llm.db.aggregates import BUCKETS
 from study_query_llm.db.errors import StorageError
 from study_query_llm.db.filters import CallFilters
@@ -526,6 +527,9 @@ class AnalyticsView(pn.viewable.Viewer):
             self._draw("compare", self._show_compare, compare)
             self._draw("series", self._show_series, series, self.by)
             self._draw("latency", self._show_latency, samples, self.latency_kind)
+        # The queries' frames and the old charts are garbage now; malloc keeps what they
+        # held unless asked (off the event loop: a heap walk can take tens of ms).
+        memory.trim_in_background()
 
     def _show_sections(self) -> None:
         self._status.visible = False

@@ -38,6 +38,7 @@ import numpy as np
 from sqlalchemy import Engine, bindparam, select, text, tuple_
 from sqlalchemy.orm import Session
 
+from study_query_llm import memory
 from study_query_llm.db.column_types import as_utc
 from study_query_llm.db.models_v2 import CallRollup, RawCall, RollupState
 
@@ -56,6 +57,7 @@ MEASURES = (
 )
 SQLITE_BUCKET = "substr(created_at, 1, 13) || ':00:00.000000'"
 CACHE_BYTES = 96 * 2**20  # cached latencies per process (5M calls are 40 MB)
+TRIM_AFTER = 1_000_000  # latencies read in one refresh, from which freed memory is returned
 _HOUR = timedelta(hours=1)
 log = logging.getLogger(__name__)
 
@@ -364,8 +366,11 @@ class RollupMirror:
                 current = self._snapshots.get(database, current)
             if current is not None and current.versions == versions:
                 return current
+            previous = current
             current = self._refresh(session, current, versions)
             self._keep(database, current)
+        if len(current.values) - (0 if previous is None else len(previous.values)) >= TRIM_AFTER:
+            memory.trim()  # the read's temporary rows and arrays, freed but kept by malloc
         return current
 
     def _refreshing(self, database: str) -> threading.Lock:
