@@ -346,7 +346,8 @@ async def test_unreachable_server_is_a_connection_error():
         timeout_s=5,
     )
     try:
-        with pytest.raises(ProviderConnectionError):
+        # Refused at once: a connection error saying so, not a timeout.
+        with pytest.raises(ProviderConnectionError, match="127.0.0.1:9/v1: connection refused"):
             await instance.complete("hello")
     finally:
         await instance.aclose()

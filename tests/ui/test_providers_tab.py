@@ -63,7 +63,7 @@ def test_groups_health_and_breaker_state_are_shown(page: Page) -> None:
     expect(health).to_contain_text("group:edge → dead")
     expect(page.locator(".sqllm-health-note")).to_contain_text("reachable, 1 not")
     health_text = text_of(health)
-    assert "group:duo → mock/mock-large" in health_text and "connection attempts" in health_text
+    assert "group:duo → mock/mock-large" in health_text and "connection refused" in health_text
     # The probe opened the dead target's breaker; the groups table says since when and why.
     expect(groups).to_contain_text("open")
     groups_text = text_of(groups)

@@ -51,7 +51,9 @@ async def call_sdk(
     except sdk.APITimeoutError as exc:
         if (dropped := _connection_dropped(exc)) is not None:
             raise ProviderConnectionError(
-                f"cannot reach {base_url or 'the API'}: {dropped}", provider=provider, model=model
+                f"cannot reach {base_url or 'the API'}: {_reason(dropped)}",
+                provider=provider,
+                model=model,
             ) from None
         raise ProviderTimeoutError(
             f"no answer within {timeout_s:g} s", provider=provider, model=model
@@ -103,6 +105,18 @@ def _connection_dropped(exc: BaseException) -> aiohttp.ClientConnectionError | N
             return None if isinstance(cause, TimeoutError) else cause
         cause = cause.__cause__
     return None
+
+
+def _reason(error: aiohttp.ClientConnectionError) -> str:
+    """Why a connection failed, in plain words where aiohttp's text is about its internals."""
+    os_error = getattr(error, "os_error", None) or error.__cause__
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    if isinstance(os_error, ConnectionResetError):
+        return "the connection was reset"
+    return str(error)
 
 
 def status_message(exc: Any) -> str:
