@@ -347,7 +347,7 @@ async def test_unreachable_server_is_a_connection_error():
     )
     try:
         # Refused at once: a connection error saying so, not a timeout.
-        with pytest.raises(ProviderConnectionError, match="127.0.0.1:9/v1: connection refused"):
+        with pytest.raises(ProviderConnectionError, match=r"127\.0\.0\.1:9/v1: connection refused"):
             await instance.complete("hello")
     finally:
         await instance.aclose()

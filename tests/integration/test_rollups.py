@@ -192,6 +192,40 @@ def test_new_calls_show_at_once_in_cached_answers(engine: Engine) -> None:
     assert_same_stats([after], [base])
 
 
+def test_answers_are_kept_with_the_cells_they_were_computed_from(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions asking the same of the same cells share one computation (the percentiles
+    over every latency); each gets its own dict; a new call starts over, exactly."""
+    record(engine, make_calls(600, seed=5))
+    filters = CallFilters(status="success")
+    ask = (filters, ("provider",), "hour", aggregates.PERCENTILES)
+    with UnitOfWork(engine) as uow:
+        first = rollup_read.stats_columns(uow.session, *ask)
+    assert first is not None
+    assert first.pop("groups") == 4  # a caller may take entries out of its answer
+
+    def computed_again(*_args: Any) -> None:
+        raise AssertionError("computed again from the same cells")
+
+    with monkeypatch.context() as patch, UnitOfWork(engine) as uow:
+        patch.setattr(rollup_read, "_stats_columns", computed_again)
+        second = rollup_read.stats_columns(uow.session, *ask)
+    assert second is not None and second["groups"] == 4
+    assert np.array_equal(second["latency_p90_ms"], first["latency_p90_ms"], equal_nan=True)
+    with pytest.raises(ValueError, match="read-only"):
+        second["count"][0] = 0
+
+    record(engine, make_calls(30, seed=6, start=T0 + timedelta(hours=5), hours=1))
+    with UnitOfWork(engine) as uow:
+        third = rollup_read.stats_columns(uow.session, *ask)
+        assert_same_stats(
+            aggregates.by_provider_model(uow.session, filters),
+            aggregates.by_provider_model(uow.session, filters, use_rollups=False),
+        )
+    assert third is not None and third["count"].sum() > second["count"].sum()
+
+
 def test_rows_inserted_without_the_repository_still_count_exactly(
     engine: Engine, make_call: Callable[..., NewCall]
 ) -> None:

@@ -14,6 +14,7 @@ interpolation (see `study_query_llm.db.aggregates`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,6 +55,10 @@ class Plan:
     edges: tuple[tuple[datetime | None, datetime | None], ...]
 
 
+DERIVED_PER_SNAPSHOT = 16  # answers kept with each snapshot (a time series is ~1 MB)
+_DERIVED_LOCK = threading.Lock()
+
+
 def plan(filters: CallFilters) -> Plan | None:
     """How the rollups answer `filters`; None when they cannot (a group filter)."""
     if filters.group_id is not None:
@@ -90,11 +95,18 @@ class Table:
         return len(self.epoch)
 
 
-def _selected(session: Session, filters: CallFilters, how: Plan) -> tuple[Any, np.ndarray]:
+def _snapshot(session: Session, how: Plan) -> rollups.Snapshot | None:
+    return rollups.MIRROR.snapshot(session, how.start, how.end) if how.cells else None
+
+
+def _selected(
+    session: Session, filters: CallFilters, how: Plan, snap: rollups.Snapshot | None = None
+) -> tuple[Any, np.ndarray]:
     """The rollup snapshot and the positions of its cells that `filters` select."""
     if not how.cells:
         return None, np.empty(0, dtype="int64")
-    snap = rollups.MIRROR.snapshot(session, how.start, how.end)
+    snap = snap if snap is not None else _snapshot(session, how)
+    assert snap is not None
     mask = np.ones(len(snap), dtype=bool)
     if how.start is not None:
         mask &= snap.epoch >= int(how.start.timestamp())
@@ -113,9 +125,17 @@ def _selected(session: Session, filters: CallFilters, how: Plan) -> tuple[Any, n
     return snap, np.nonzero(mask)[0]
 
 
-def load(session: Session, filters: CallFilters, how: Plan, *, latencies: bool) -> Table:
-    """The cells and edge calls that answer `filters` (with their latencies if asked)."""
-    snap, index = _selected(session, filters, how)
+def load(
+    session: Session,
+    filters: CallFilters,
+    how: Plan,
+    *,
+    latencies: bool,
+    snap: rollups.Snapshot | None = None,
+) -> Table:
+    """The cells and edge calls that answer `filters` (with their latencies if asked);
+    `snap`: the snapshot to read them from, if the caller has it already."""
+    snap, index = _selected(session, filters, how, snap)
     edges = _edges(session, filters, how)
     if snap is not None:
         epoch = [snap.epoch[index]]
@@ -242,11 +262,58 @@ def stats_columns(
 ) -> dict[str, Any] | None:
     """CallStats fields as columns (one entry per group of `names`: bucket, provider,
     model), ordered by the groups as the database orders them; None when the rollups
-    cannot answer `filters`. Missing means and percentiles are NaN."""
+    cannot answer `filters`. Missing means and percentiles are NaN.
+
+    The answer is kept with the cached rollup snapshot it was computed from (its latest
+    `DERIVED_PER_SNAPSHOT` answers): every session asking the same question of the same
+    cells (the Analytics tab's default view, say) gets it without recomputing the
+    percentiles over every latency. Calls are never changed or deleted, so cells with the
+    same totals hold the same calls; a new call makes a new snapshot, which starts empty.
+    Filters with partial hours also read raw_calls at the edges: those calls are counted in
+    the totals too."""
     how = plan(filters)
     if how is None:
         return None
-    table = load(session, filters, how, latencies=True)
+    snap = _snapshot(session, how)
+    key = (filters, names, bucket, tuple(percentiles))
+    if snap is not None and (known := _recall(snap, key)) is not None:
+        return known
+    columns = _stats_columns(session, filters, how, snap, names, bucket, percentiles)
+    if snap is not None:
+        _remember(snap, key, columns)
+    return dict(columns)
+
+
+def _recall(snap: rollups.Snapshot, key: Any) -> dict[str, Any] | None:
+    """The columns computed for `key` from exactly `snap`'s cells, if kept (a new dict:
+    callers may take entries out; the arrays are read-only)."""
+    with _DERIVED_LOCK:
+        found = snap.derived.get(key)
+        if found is not None:
+            snap.derived.move_to_end(key)
+    return None if found is None else dict(found)
+
+
+def _remember(snap: rollups.Snapshot, key: Any, columns: dict[str, Any]) -> None:
+    for value in columns.values():
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    with _DERIVED_LOCK:
+        snap.derived[key] = dict(columns)
+        while len(snap.derived) > DERIVED_PER_SNAPSHOT:
+            snap.derived.popitem(last=False)
+
+
+def _stats_columns(
+    session: Session,
+    filters: CallFilters,
+    how: Plan,
+    snap: rollups.Snapshot | None,
+    names: tuple[str, ...],
+    bucket: str,
+    percentiles: Sequence[tuple[str, float]],
+) -> dict[str, Any]:
+    table = load(session, filters, how, latencies=True, snap=snap)
     # One integer code per key column, then one group id per distinct combination.
     codes = []
     decoders: list[tuple[str, np.ndarray]] = []

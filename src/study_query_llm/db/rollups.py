@@ -30,7 +30,7 @@ import logging
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -245,6 +245,11 @@ class Snapshot:
     starts: np.ndarray
     lengths: np.ndarray
     values: np.ndarray
+    # Answers computed from exactly these cells (`rollup_read.stats_columns`), kept with
+    # them: a newer snapshot starts empty, so nothing outlives the cells it came from.
+    derived: OrderedDict[Any, Any] = field(
+        default_factory=OrderedDict, init=False, compare=False, repr=False
+    )
 
     def __len__(self) -> int:
         return len(self.epoch)
