@@ -344,6 +344,12 @@ class RollupMirror:
         with self._lock:
             self._snapshots.clear()
 
+    def forget_answers(self) -> None:
+        """Drop the answers kept with the cached snapshots (benchmarks time computing)."""
+        with self._lock:
+            for snapshot in self._snapshots.values():
+                snapshot.derived.clear()
+
     def snapshot(
         self, session: Session, start: datetime | None = None, end: datetime | None = None
     ) -> Snapshot:
