@@ -61,6 +61,14 @@ def _build_view(state: AppState, module: str, cls: str):
         )
 
 
+def _prepare_analytics(study: StudyService) -> None:
+    """The Analytics tab's default view, computed once per process when the rollup cache
+    is read (a broken view module is reported when its tab is built, not here)."""
+    from .views.analytics import prepare_default_view
+
+    prepare_default_view(study)
+
+
 def _choices(values: list[str]) -> dict[str, str]:
     """Widget options whose labels are escaped: the choices widget renders labels as HTML."""
     return {escape(value): value for value in values}
@@ -146,7 +154,8 @@ def create_app(settings: Settings | None = None) -> pn.template.FastListTemplate
     """A fresh page with its own state and services (one per browser session)."""
     settings = settings or get_settings()
     services = build_services(settings, migrate_first=False)
-    state = AppState(services=services, study=StudyService(services.engine))
+    study = StudyService(services.engine, prepare=_prepare_analytics)
+    state = AppState(services=services, study=study)
 
     def close(_context) -> None:
         pn.state.execute(services.aclose)

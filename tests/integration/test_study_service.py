@@ -882,3 +882,37 @@ def test_call_text_in_sql_is_the_text_python_reads(db_url: str) -> None:
                     text = (call.response_json or {}).get("text")
                     want = text if isinstance(text, str) else ""
                 assert got[call_id] == want, (kind, call.request_json, call.response_json)
+
+
+def test_the_dashboards_default_view_is_prepared_once_when_the_cache_is_read(
+    tmp_path: Any,
+) -> None:
+    """A dashboard's first visitor finds the default Analytics answers computed: once per
+    database per process, in the background, after the rollup cache is read."""
+    import threading
+
+    from panel_app.views.analytics import prepare_default_view
+    from study_query_llm.db import migrate, rollups
+
+    url = f"sqlite:///{tmp_path / 'prepared.db'}"
+    migrate.upgrade(url)
+    engine = get_engine(url)
+    with UnitOfWork(engine) as uow:
+        uow.calls.add_many(_calls())
+        uow.commit()
+    prepared: list[StudyService] = []
+
+    def prepare(study: StudyService) -> None:
+        prepared.append(study)
+        prepare_default_view(study)
+
+    first = StudyService(engine, prepare=prepare)
+    StudyService(engine, prepare=prepare)  # a second session: nothing more to do
+    for thread in threading.enumerate():
+        if thread.name == "rollup-warm-up":
+            thread.join()
+    assert prepared == [first]
+    with UnitOfWork(engine) as uow:
+        kept = rollups.MIRROR.snapshot(uow.session).derived
+    assert len(kept) == 3  # summary, comparison, time series with the tab's defaults
+    assert first.summary()["calls"] == N_CALLS

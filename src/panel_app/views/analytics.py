@@ -28,7 +28,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 import panel as pn
@@ -46,6 +46,9 @@ from ..charts import Bar
 from ..export import download_buttons
 from ..safe import escape, pre
 from ..state import AppState, describe_error, notify
+
+if TYPE_CHECKING:
+    from study_query_llm.services.study import StudyService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -179,6 +182,16 @@ def percent_formatter() -> NumberFormatter:
 # Tab titles of the comparison and time-series charts, in the order they are built.
 COMPARE_CHARTS = ("Calls", "Failure rate", "Latency", "Cost", "Tokens")
 SERIES_CHARTS = ("Calls", "Failure rate", "Tokens", "Cost", "Latency p50")
+
+
+def prepare_default_view(study: StudyService) -> None:
+    """Compute what the tab first asks for with the default filters and options (the
+    answers are kept with the rollup cache): run in the background when the server reads
+    its database, so the first visitor does not wait for the percentiles over every call."""
+    filters = CallFilters()
+    study.summary(filters)
+    study.compare(filters)
+    study.time_series(filters, AnalyticsView.param.bucket.default, AnalyticsView.param.by.default)
 
 
 class ChartTabs:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -638,9 +638,10 @@ _warming: set[str] = set()
 _warming_lock = threading.Lock()
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(engine: Engine, then: Callable[[], object] | None = None) -> None:
     """Read the rollups of `engine`'s database into `MIRROR` in a background thread, once
-    per database per process, so that the first dashboard query finds them there. Any
+    per database per process, so that the first dashboard query finds them there; then
+    call `then` in that thread (to compute answers that will be asked for first). Any
     error is left to the first real query to report."""
     key = engine.url.render_as_string(hide_password=True)
     with _warming_lock:
@@ -654,6 +655,8 @@ def warm_up(engine: Engine) -> None:
         try:
             with UnitOfWork(engine) as uow:
                 MIRROR.snapshot(uow.session)
+            if then is not None:
+                then()
         except Exception:  # e.g. not migrated yet: the first real query will say so
             log.debug("warming the rollup cache failed", exc_info=True)
 

@@ -98,10 +98,15 @@ def summary_row(stats: CallStats, providers: int, models: int) -> dict[str, Any]
 class StudyService:
     """Read-side service for the dashboard and notebooks."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, *, prepare: Callable[[StudyService], object] | None = None
+    ) -> None:
+        """`prepare(service)` runs once per database per process, in the background after
+        the Analytics aggregates' cache is read: a dashboard asks for its default view
+        there, so that the answers are ready when the first visitor opens it."""
         self.engine = engine
         self._pgvector: bool | None = None  # does embedding_vectors have a pgvector column?
-        rollups.warm_up(engine)  # the Analytics aggregates' cache, read in the background
+        rollups.warm_up(engine, then=None if prepare is None else lambda: prepare(self))
 
     def _read(self, fn: Callable[[UnitOfWork], Any]) -> Any:
         with UnitOfWork(self.engine) as uow:
