@@ -161,7 +161,10 @@ def test_search_export_downloads_csv_and_parquet(page: Page) -> None:
 
 def test_groups_rename_label_and_compare(page: Page) -> None:
     open_tab(page, "Groups")
+    # The first list (every type) is in before a type is chosen.
+    expect(page.locator(".sqllm-groups-page")).to_contain_text("Groups 1")
     page.locator(".sqllm-groups-type select").select_option("label")
+    expect(page.locator(".sqllm-groups-type select")).to_have_value("label")
     # The list has reloaded with labels only before a row is clicked.
     expect(
         page.locator(".sqllm-groups-table .tabulator-row", has_text="capitals quiz")

@@ -359,8 +359,12 @@ class GroupsView(pn.viewable.Viewer):
         if generation != self._generation:
             return
         self._listed_for = (group_type, filters)
-        self.param.group_type.objects = [ALL_TYPES, *types]
-        self._type.options = [ALL_TYPES, *types]
+        choices_of_type = [ALL_TYPES, *types]
+        if list(self._type.options) != choices_of_type:
+            # Only when they change: replacing a select's options redraws it in the page,
+            # which can swallow a choice the user is making at that moment.
+            self.param.group_type.objects = choices_of_type
+            self._type.options = choices_of_type
         self._groups = groups
         self._group_total = total
         table = display_times(groups[GROUP_COLUMNS])
