@@ -6,6 +6,7 @@ speaks OpenAI, Azure OpenAI, Anthropic and Ollama wire formats; `mock` needs no 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -335,6 +336,20 @@ async def test_wrong_key_names_the_variable_to_fix(case):
     assert case.key_env_var in str(info.value)
     assert "a-wrong-key" not in str(info.value)
     assert "the-right-key" not in str(info.value)
+
+
+TWO_SDKS = [c for c in HTTP_CASES if c.provider_id in ("openai", "anthropic")]
+
+
+@pytest.mark.parametrize("case", TWO_SDKS, ids=_ids(TWO_SDKS))
+def test_a_provider_answers_from_one_event_loop_after_another(loopback, case):
+    """Each `asyncio.run` is a new event loop, and an aiohttp session belongs to the loop
+    that opened it: the provider sends through a transport of the running loop's own."""
+    instance = build(case, loopback)
+    for _ in range(3):
+        assert asyncio.run(instance.complete("hello")).text
+    asyncio.run(instance.aclose())
+    assert len([r for r in loopback.requests if r.method == "POST"]) == 3
 
 
 async def test_unreachable_server_is_a_connection_error():

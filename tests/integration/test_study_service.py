@@ -885,7 +885,7 @@ def test_call_text_in_sql_is_the_text_python_reads(db_url: str) -> None:
 
 
 def test_the_dashboards_default_view_is_prepared_once_when_the_cache_is_read(
-    tmp_path: Any,
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A dashboard's first visitor finds the default Analytics answers computed: once per
     database per process, in the background, after the rollup cache is read."""
@@ -915,4 +915,15 @@ def test_the_dashboards_default_view_is_prepared_once_when_the_cache_is_read(
     with UnitOfWork(engine) as uow:
         kept = rollups.MIRROR.snapshot(uow.session).derived
     assert len(kept) == 3  # summary, comparison, time series with the tab's defaults
+    # What the tab asks for first is among them: answered without computing again.
+    from panel_app.views.analytics import AnalyticsView
+    from study_query_llm.db import rollup_read
+
+    def computed_again(*_args: Any) -> None:
+        raise AssertionError("the default view was not prepared")
+
+    monkeypatch.setattr(rollup_read, "_stats_columns", computed_again)
     assert first.summary()["calls"] == N_CALLS
+    first.compare(CallFilters())
+    defaults = AnalyticsView.param
+    first.time_series(CallFilters(), defaults.bucket.default, defaults.by.default)

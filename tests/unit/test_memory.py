@@ -31,11 +31,20 @@ def test_trim_returns_memory_that_was_freed_but_kept():
     assert len(kept) == 250
 
 
-def test_one_background_trim_at_a_time():
+def _join_trims() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "malloc-trim":
+            thread.join()
+
+
+def test_a_background_trim_is_skipped_while_one_runs(monkeypatch) -> None:
+    done: list[str] = []
+    monkeypatch.setattr(memory, "trim", lambda: done.append(threading.current_thread().name))
+    with memory._trimming:  # as if a trim were under way
+        memory.trim_in_background()
+        _join_trims()
+    assert done == []
     memory.trim_in_background()
-    memory.trim_in_background()
-    running = [t for t in threading.enumerate() if t.name == "malloc-trim"]
-    assert len(running) <= 1
-    for thread in running:
-        thread.join()
+    _join_trims()
+    assert done == ["malloc-trim"]  # in its own thread, off the caller's
     assert not memory._trimming.locked()

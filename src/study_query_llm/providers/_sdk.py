@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import httpx2
@@ -20,6 +21,7 @@ from .errors import (
 )
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 def http_client_for(sdk: ModuleType, given: httpx2.AsyncClient | None) -> httpx2.AsyncClient:
@@ -31,6 +33,42 @@ def http_client_for(sdk: ModuleType, given: httpx2.AsyncClient | None) -> httpx2
     a batch keeps dozens of calls in flight on one event loop (bench/inference_bench.py).
     """
     return given if given is not None else sdk.DefaultAioHttpClient()
+
+
+class ClientPerLoop(Generic[C]):
+    """An SDK client for whichever event loop is running.
+
+    The aiohttp session under an SDK client belongs to the event loop that opened it, so
+    a provider used from a second loop (a second `asyncio.run`, a new notebook kernel
+    loop) gets a copy of its client with a transport of its own:
+    `with_options(http_client=...)` keeps the key, URL, headers and timeout. A client
+    the caller gave is theirs to manage and is never replaced.
+    """
+
+    def __init__(self, sdk: ModuleType, client: C, *, given: bool) -> None:
+        self._sdk = sdk
+        self._client = client
+        self._given = given
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> C:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside any loop: nothing is sent from here
+            return self._client
+        if self._loop is None or self._given:
+            self._loop = loop
+        elif loop is not self._loop:
+            self._loop = loop
+            self._client = self._client.with_options(  # type: ignore[attr-defined]
+                http_client=self._sdk.DefaultAioHttpClient()
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client of this loop (one left on a loop that is gone cannot be)."""
+        if self._given or self._loop in (None, asyncio.get_running_loop()):
+            await self._client.close()  # type: ignore[attr-defined]
 
 
 async def call_sdk(

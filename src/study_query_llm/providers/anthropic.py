@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import anthropic
 import httpx2
 
-from ._sdk import call_sdk, http_client_for
+from ._sdk import ClientPerLoop, call_sdk, http_client_for
 from .base import (
     BaseLLMProvider,
     CompletionOptions,
@@ -47,16 +47,21 @@ class AnthropicProvider(BaseLLMProvider):
         self.base_url = base_url
         self.timeout_s = timeout_s
         self.default_max_tokens = default_max_tokens
-        self._client = anthropic.AsyncAnthropic(
+        client = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
             timeout=timeout_s,
             max_retries=0,  # InferenceService owns retries
             http_client=http_client_for(anthropic, http_client),
         )
+        self._clients = ClientPerLoop(anthropic, client, given=http_client is not None)
+
+    @property
+    def _client(self) -> anthropic.AsyncAnthropic:
+        return self._clients.get()
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._clients.aclose()
 
     def _request(
         self, messages: list[Message], model: str, options: CompletionOptions

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import httpx2
 import openai
 
-from ._sdk import call_sdk, http_client_for
+from ._sdk import ClientPerLoop, call_sdk, http_client_for
 from .base import (
     BaseLLMProvider,
     CompletionOptions,
@@ -65,18 +65,24 @@ class OpenAICompatibleProvider(BaseLLMProvider):
             "default_headers": preset.default_headers or None,
             "http_client": http_client_for(openai, http_client),
         }
+        client: openai.AsyncOpenAI
         if preset.provider_id == "azure":
-            self._client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
+            client = openai.AsyncAzureOpenAI(
                 azure_endpoint=self.base_url, api_version=api_version, **common
             )
         else:
-            self._client = openai.AsyncOpenAI(base_url=self.base_url, **common)
+            client = openai.AsyncOpenAI(base_url=self.base_url, **common)
+        self._clients = ClientPerLoop(openai, client, given=http_client is not None)
+
+    @property
+    def _client(self) -> openai.AsyncOpenAI:
+        return self._clients.get()
 
     def embeddings_enabled(self) -> bool:
         return self.preset.supports_embeddings
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._clients.aclose()
 
     # --- completions ---------------------------------------------------------------------
 
